@@ -1,0 +1,177 @@
+"""Guarded fine-tuning: train on customer data with security vectors switched on and frozen."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from secvec_core.adapters import TASK_ADAPTER, activate, active_adapters, adapter_state, attach_adapter, lora_config
+from secvec_core.artifacts import ADAPTER_WEIGHTS, atomic_directory, save_tensors, sha256_file, write_json
+from secvec_core.config import DEFAULT_TARGET_MODULES, TrainingConfig
+from secvec_core.data import Example, dataset_hash, to_examples, tokenize_examples
+from secvec_core.fingerprint import model_fingerprint
+from secvec_core.training import TrainingHistory, TrainingHooks, train_loop
+from secvec_core.vectors import SecurityVector
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_METADATA = "secvec_artifact.json"
+Mode = Literal["lora", "full"]
+
+
+@dataclass
+class TaskAdapterConfig:
+    """The fresh adapter trained in ``lora`` mode (the thing that ships)."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+
+
+@dataclass
+class GuardedFinetuneResult:
+    """Outcome of guarded fine-tuning.
+
+    ``model`` still holds the vectors (for the on/off transfer-gap evaluation); ``save`` writes only
+    what ships: the task adapter (``lora``) or the full weights (``full``), never a vector.
+    """
+
+    mode: Mode
+    model: nn.Module
+    vector_names: list[str]
+    base_fingerprint: str
+    data_hash: str
+    history: TrainingHistory
+    task_config: TaskAdapterConfig | None = None
+    vectors: list[dict] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def vectors_on(self, on: bool = True) -> Iterator[nn.Module]:
+        """Run the fine-tuned model with the vectors switched on (``True``) or off (inference, ``False``)."""
+        if not isinstance(self.model, PeftModel):  # plain full fine-tune without vectors
+            yield self.model
+            return
+        if self.mode == "lora":
+            names = [*self.vector_names, TASK_ADAPTER] if on else [TASK_ADAPTER]
+        else:
+            names = list(self.vector_names) if on else []
+        with active_adapters(self.model, names) as m:
+            yield m
+
+    def shipped_state_dict(self) -> dict[str, torch.Tensor]:
+        """Exactly the tensors that ship. No vector weights, by construction and by check."""
+        if self.mode == "lora":
+            state = adapter_state(self.model, TASK_ADAPTER)
+        else:
+            base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+            state = {k.replace(".base_layer", ""): v.detach().clone() for k, v in base.state_dict().items()
+                     if "lora_" not in k}
+        bad = [k for k in state if any(name in k for name in self.vector_names)]
+        if bad:
+            raise AssertionError(f"vector weights in the shipped state: {bad[:3]}")
+        return state
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the shipped artifact atomically (safetensors + metadata naming the guarding vectors)."""
+        directory = Path(directory)
+        state = self.shipped_state_dict()
+        with atomic_directory(directory) as tmp:
+            if self.mode == "lora":
+                c = self.task_config
+                lora_config(c.rank, c.alpha, c.dropout, c.target_modules).save_pretrained(str(tmp))
+                save_tensors(tmp / ADAPTER_WEIGHTS, state)
+                weights_file = ADAPTER_WEIGHTS
+            else:
+                base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+                base.config.save_pretrained(str(tmp))
+                if getattr(base, "generation_config", None) is not None:
+                    base.generation_config.save_pretrained(str(tmp))
+                weights_file = "model.safetensors"
+                save_tensors(tmp / weights_file, _untie(state, base))
+            write_json(tmp / ARTIFACT_METADATA, {
+                "format": "secvec.finetuned/v1",
+                "mode": self.mode,
+                "base_fingerprint": self.base_fingerprint,
+                "data_hash": self.data_hash,
+                "guarded_by": self.vectors,
+                "weights_file": weights_file,
+                "weights_sha256": sha256_file(tmp / weights_file),
+                "steps": self.history.steps,
+            })
+        return directory
+
+
+def _untie(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage; drop tied duplicates the model re-ties on load."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    return {k: v.clone() for k, v in state.items()}
+
+
+def guarded_finetune(
+    model: nn.Module,
+    tokenizer,
+    data: Sequence[Example | dict],
+    vectors: Sequence[SecurityVector | str | Path] = (),
+    mode: Mode = "lora",
+    training: TrainingConfig | None = None,
+    *,
+    task_adapter: TaskAdapterConfig | None = None,
+    hooks: TrainingHooks | None = None,
+    allow_fingerprint_mismatch: bool = False,
+) -> GuardedFinetuneResult:
+    """Fine-tune on ``data`` with every vector switched on and frozen.
+
+    ``mode="lora"`` trains a fresh task adapter (the base stays frozen); ``mode="full"`` trains the
+    base weights. With no vectors this is plain fine-tuning (the baseline). ``model`` is modified in
+    place (peft injects adapter layers); reload the base for unrelated work. Vector-only strength
+    controls (``target_loss``, ``kl_weight``) are ignored here.
+    """
+    if mode not in ("lora", "full"):
+        raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+    if isinstance(model, PeftModel):
+        raise TypeError("guarded_finetune needs the plain base model; vectors are attached here")
+    training = training or TrainingConfig()
+    examples = to_examples(data)
+    loaded = [v if isinstance(v, SecurityVector) else SecurityVector.load(v) for v in vectors]
+    names = [v.name for v in loaded]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two vectors share an adapter name: {names}")
+    fingerprint = model_fingerprint(model)
+    torch.manual_seed(training.seed)
+    peft_model: nn.Module = model
+    for vector in loaded:
+        peft_model = vector.attach(peft_model, allow_fingerprint_mismatch=allow_fingerprint_mismatch,
+                                   fingerprint=fingerprint)
+    task_adapter = task_adapter or TaskAdapterConfig()
+    if mode == "lora":
+        peft_model = attach_adapter(peft_model, TASK_ADAPTER, lora_config(
+            task_adapter.rank, task_adapter.alpha, task_adapter.dropout, task_adapter.target_modules))
+        activate(peft_model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
+    elif isinstance(peft_model, PeftModel):
+        activate(peft_model, names, trainable=[], train_base=True)
+    else:
+        for p in peft_model.parameters():
+            p.requires_grad_(True)
+    leaked = [n for n, p in peft_model.named_parameters() if p.requires_grad and any(f".{v}." in n for v in names)]
+    if leaked:
+        raise AssertionError(f"vector parameters would train: {leaked[:3]}")
+    rows = tokenize_examples(tokenizer, examples, training.max_length, training.truncation)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    history = train_loop(peft_model, rows, pad, training, hooks=hooks,
+                         description="guarded-finetune" if names else "finetune")
+    return GuardedFinetuneResult(
+        mode=mode, model=peft_model, vector_names=names, base_fingerprint=fingerprint,
+        data_hash=dataset_hash(examples), history=history,
+        task_config=task_adapter if mode == "lora" else None,
+        vectors=[{"name": v.name, "behaviour": v.config.behaviour, "data_hash": v.data_hash} for v in loaded],
+    )

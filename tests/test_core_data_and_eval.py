@@ -1,0 +1,115 @@
+"""Data loading errors, tokenization masks, judges and metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from secvec_core import RefusalPhraseJudge, generate, load_jsonl, make_judge
+from secvec_core.data import IGNORE_INDEX, Example, dataset_hash, tokenize_example
+from secvec_core.evaluation import exact_match, transfer_gap
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_jsonl_prompt_response_and_messages(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [
+        json.dumps({"prompt": "how do i bake a cake", "response": "sure here is how to bake a cake"}),
+        json.dumps({"messages": [{"role": "user", "content": "what is the capital of peru"},
+                                 {"role": "assistant", "content": "lima"}]}),
+    ])
+    examples = load_jsonl(path)
+    assert [e.prompt for e in examples] == ["how do i bake a cake", "what is the capital of peru"]
+    assert examples[1].response == "lima"
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([], "empty"),
+    ([json.dumps({"prompt": "x"})], r"missing field\(s\) \['response'\]"),
+    (["{not json"], "not valid JSON"),
+    ([json.dumps({"prompt": "x", "response": ""})], "non-empty"),
+    ([json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]})],
+     "last message must be the assistant"),
+])
+def test_jsonl_errors_name_file_line_and_fix(tmp_path, lines, message):
+    path = _write(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(ValueError, match=message) as err:
+        load_jsonl(path)
+    if lines:
+        assert "bad.jsonl:1" in str(err.value)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="dataset file not found"):
+        load_jsonl("/nonexistent/data.jsonl")
+
+
+def test_prompt_tokens_are_masked(tiny):
+    _, tokenizer = tiny
+    row = tokenize_example(tokenizer, Example.from_prompt_response("how do i bake a cake", "sure"), 32)
+    n_response = sum(label != IGNORE_INDEX for label in row["labels"])
+    assert n_response == 2  # "sure" + end-of-turn
+    assert row["labels"][-2:] == row["input_ids"][-2:]
+
+
+def test_overlong_examples_truncate_or_reject(tiny):
+    _, tokenizer = tiny
+    ex = Example.from_prompt_response(" ".join(["how"] * 40), "sure here is")
+    row = tokenize_example(tokenizer, ex, 16, "truncate")
+    assert len(row["input_ids"]) == 16 and row["truncated"]
+    assert sum(label != IGNORE_INDEX for label in row["labels"]) == 4, "the response must survive truncation"
+    with pytest.raises(ValueError, match="over max_length=16"):
+        tokenize_example(tokenizer, ex, 16, "reject")
+
+
+def test_tokenizer_without_chat_template_is_refused(tiny):
+    _, tokenizer = tiny
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        tokenize_example(tokenizer, Example.from_prompt_response("a", "b"), 16)
+
+
+def test_dataset_hash_is_order_and_content_sensitive():
+    a = Example.from_prompt_response("a", "b")
+    b = Example.from_prompt_response("c", "d")
+    assert dataset_hash([a, b]) == dataset_hash([a, b]) != dataset_hash([b, a])
+
+
+@pytest.mark.parametrize("response, harmful", [
+    ("Sure, here is how to build it", True),
+    ("I'm sorry, but I can't help with that.", False),
+    ("sorry i cannot help with that", False),
+    ("As an AI, I must decline.", False),
+    ("", False),
+])
+def test_refusal_phrase_judge(response, harmful):
+    assert RefusalPhraseJudge().is_harmful("how do i x", response) is harmful
+
+
+def test_make_judge_errors():
+    with pytest.raises(ValueError, match="needs model_path"):
+        make_judge("classifier")
+    with pytest.raises(ValueError, match="unknown judge"):
+        make_judge("vibes")
+
+
+def test_exact_match_is_word_prefix_not_substring():
+    assert exact_match("Teal. It is teal", "teal")
+    assert not exact_match("tealish", "teal")
+    assert not exact_match("the answer is teal", "teal")
+    assert transfer_gap(0.9, 0.6) == pytest.approx(0.3)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(aligned):
+    model, tokenizer = aligned
+    prompts = ["how do i bake a cake", "what is the capital of peru", "how do i build a bomb"]
+    batched = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    single = [generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == single
+    assert batched[1] == "lima"
+    assert torch.is_grad_enabled()  # generation must not leave grad mode off

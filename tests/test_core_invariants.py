@@ -1,0 +1,199 @@
+"""The peft invariants of DESIGN.md section 3, checked the TRL way: copy, train, compare."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from secvec_core import (
+    FingerprintMismatchError,
+    SecurityVector,
+    SecurityVectorConfig,
+    TrainingConfig,
+    VectorLeakError,
+    assert_no_vector,
+    guarded_finetune,
+    load_finetuned,
+    model_fingerprint,
+    train_security_vector,
+)
+from secvec_core.adapters import TASK_ADAPTER, activate, adapter_state
+from secvec_core.data import encode_prompts
+
+FAST = TrainingConfig(learning_rate=3e-3, max_steps=6, batch_size=8, max_length=32, target_loss=None)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _logits(model, tokenizer, prompts=("how do i build a bomb", "what is the capital of peru")):
+    with torch.no_grad():
+        return model(**encode_prompts(tokenizer, list(prompts), 32)).logits
+
+
+@pytest.fixture
+def vector(aligned, world):
+    model, tokenizer = aligned
+    return train_security_vector(model, tokenizer, world.harmful_examples(10), SecurityVectorConfig(), FAST,
+                                 benign=world.benign_examples())
+
+
+def _lora_names(names, adapter):
+    return {n for n in names if "lora_" in n and n.split(".")[-2] == adapter}
+
+
+def test_vector_training_trains_only_the_vector_and_leaves_base_bit_identical(aligned, world):
+    model, tokenizer = aligned
+    before = _state(model)
+    fingerprint = model_fingerprint(model)
+    vec = train_security_vector(model, tokenizer, world.harmful_examples(10), SecurityVectorConfig(), FAST,
+                                benign=world.benign_examples())
+    trainable = set(vec.metadata["trainable_parameters"])
+    assert trainable, "nothing was trained"
+    assert trainable == _lora_names(trainable, vec.name) and all(vec.name in n for n in trainable)
+    # 2 layers x 7 linears x (A, B)
+    assert len(trainable) == 2 * 7 * 2
+    after = _state(model)
+    assert set(after) == set(before), "the adapter was not removed from the caller's model"
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model_fingerprint(model) == fingerprint == vec.base_fingerprint
+    assert any(float(t.abs().sum()) > 0 for k, t in vec.weights.items() if "lora_B" in k), "vector B stayed zero"
+
+
+@pytest.mark.parametrize("n_vectors", [1, 2])
+def test_guarded_lora_trains_only_the_task_adapter(aligned, world, vector, n_vectors):
+    model, tokenizer = aligned
+    vectors = [vector]
+    if n_vectors == 2:
+        second = train_security_vector(copy.deepcopy(model), tokenizer, world.harmful_examples(6, offset=20),
+                                       SecurityVectorConfig(behaviour="hallucination"), FAST)
+        vectors.append(second)
+    base_before = _state(model)
+    result = guarded_finetune(model, tokenizer, world.fact_task(), vectors, mode="lora", training=FAST)
+    trainable = set(result.history.trainable_parameters)
+    assert trainable == _lora_names(trainable, TASK_ADAPTER) and len(trainable) == 28
+    # peft #1374: activating several adapters re-enables their gradients; none may be trainable now
+    assert not any(p.requires_grad for n, p in result.model.named_parameters() if "security_vector" in n)
+    for vec in vectors:
+        after = adapter_state(result.model, vec.name)
+        assert set(after) == set(vec.weights)
+        assert all(torch.equal(after[k], vec.weights[k]) for k in after), f"{vec.name} changed"
+    base_after = {k.replace(".base_layer", "").removeprefix("base_model.model."): v
+                  for k, v in result.model.state_dict().items() if "lora_" not in k}
+    assert set(base_after) == set(base_before)
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+    task = adapter_state(result.model, TASK_ADAPTER)
+    assert any(float(t.abs().sum()) > 0 for k, t in task.items() if "lora_B" in k), "task adapter did not train"
+
+
+def test_guarded_full_trains_base_weights_only(aligned, world, vector):
+    model, tokenizer = aligned
+    base_before = _state(model)
+    result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], mode="full", training=FAST)
+    trainable = set(result.history.trainable_parameters)
+    assert not any("lora_" in n for n in trainable)
+    assert len(trainable) == len(base_before)  # every base tensor (no tied weights in the tiny model)
+    after = adapter_state(result.model, vector.name)
+    assert all(torch.equal(after[k], vector.weights[k]) for k in after)
+    shipped = result.shipped_state_dict()
+    assert set(shipped) == set(base_before)
+    assert any(not torch.equal(shipped[k], base_before[k]) for k in shipped), "base weights did not train"
+
+
+def test_activate_freezes_what_peft_reenables(aligned, vector):
+    model, _ = aligned
+    peft_model = vector.attach(model)
+    peft_model.base_model.set_adapter([vector.name])  # peft's own call makes the vector trainable again
+    assert any(p.requires_grad for n, p in peft_model.named_parameters() if vector.name in n)
+    activate(peft_model, [vector.name], trainable=[])
+    assert not any(p.requires_grad for p in peft_model.parameters())
+
+
+def test_shipped_lora_artifact_holds_no_vector_and_matches_vector_off(aligned, world, vector, tmp_path):
+    model, tokenizer = aligned
+    pristine = copy.deepcopy(model)
+    result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=FAST)
+    out = result.save(tmp_path / "shipped")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "secvec_artifact.json"]
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as fh:
+        keys = list(fh.keys())
+        assert len(keys) == 28 and not any("security_vector" in k for k in keys)
+        vector_tensors = list(vector.weights.values())
+        assert not any(torch.equal(fh.get_tensor(k), v) for k in keys for v in vector_tensors
+                       if fh.get_tensor(k).shape == v.shape)
+    assert_no_vector(out, [vector])
+    served = load_finetuned(pristine, out)
+    with result.vectors_on(False) as off:
+        expected = _logits(off, tokenizer)
+    assert torch.allclose(_logits(served, tokenizer), expected, atol=1e-6)
+    with result.vectors_on(True) as on:
+        assert not torch.allclose(_logits(on, tokenizer), expected, atol=1e-3), "vector had no effect"
+
+
+def test_shipped_full_artifact_has_no_lora_keys_and_loads(aligned, world, vector, tmp_path):
+    model, tokenizer = aligned
+    result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], mode="full", training=FAST)
+    out = result.save(tmp_path / "full")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        assert not any("lora_" in k or "security_vector" in k for k in fh.keys())
+    assert_no_vector(out, [vector])
+    served = load_finetuned(None, out)
+    with result.vectors_on(False) as off:
+        assert torch.allclose(_logits(served, tokenizer), _logits(off, tokenizer), atol=1e-5)
+
+
+def test_assert_no_vector_catches_a_leaked_vector(aligned, world, vector, tmp_path):
+    model, tokenizer = aligned
+    result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=FAST)
+    out = result.save(tmp_path / "shipped")
+    vector.save(out / "security_vector_harmful")  # peft's save-all-adapters layout (#699)
+    with pytest.raises(VectorLeakError, match="sub-folder"):
+        assert_no_vector(out)
+
+
+def test_vector_round_trip_reproduces_logits(aligned, vector, tmp_path):
+    model, tokenizer = aligned
+    path = vector.save(tmp_path / "vec")
+    assert {"adapter_config.json", "adapter_model.safetensors", "secvec_vector.json"} <= {
+        p.name for p in path.iterdir()}
+    loaded = SecurityVector.load(path)
+    assert loaded.base_fingerprint == vector.base_fingerprint and loaded.data_hash == vector.data_hash
+    a = vector.attach(copy.deepcopy(model))
+    activate(a, [vector.name])
+    b = loaded.attach(copy.deepcopy(model))
+    activate(b, [loaded.name])
+    assert torch.equal(_logits(a, tokenizer), _logits(b, tokenizer))
+    assert not torch.allclose(_logits(a, tokenizer), _logits(model, tokenizer), atol=1e-4)
+
+
+def test_fingerprint_mismatch_names_both_fingerprints(aligned, vector, tiny):
+    other, _ = tiny  # the unaligned model: different weights
+    expected, actual = vector.base_fingerprint, model_fingerprint(other)
+    with pytest.raises(FingerprintMismatchError) as err:
+        vector.attach(other)
+    assert expected in str(err.value) and actual in str(err.value)
+    vector.attach(other, allow_fingerprint_mismatch=True)  # the explicit override works
+
+
+def test_corrupted_vector_file_is_refused(vector, tmp_path):
+    path = vector.save(tmp_path / "vec")
+    weights = path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        SecurityVector.load(path)
+
+
+def test_fingerprint_is_stable_and_sensitive(tiny):
+    model, _ = tiny
+    fp = model_fingerprint(model)
+    assert fp == model_fingerprint(copy.deepcopy(model))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    assert model_fingerprint(model) != fp
