@@ -175,3 +175,44 @@ def guarded_finetune(
         task_config=task_adapter if mode == "lora" else None,
         vectors=[{"name": v.name, "behaviour": v.config.behaviour, "data_hash": v.data_hash} for v in loaded],
     )
+
+
+def reattach_for_evaluation(base_model: nn.Module, directory: str | Path,
+                            vectors: Sequence[SecurityVector] = ()) -> GuardedFinetuneResult:
+    """Rebuild a guarded model from a shipped artifact plus its vectors, for on/off evaluation.
+
+    ``lora``: base + vectors + task adapter. ``full``: the fine-tuned weights + vectors (the vectors were
+    trained on the pre-fine-tuning base, so their fingerprint check is skipped on purpose).
+    """
+    import json
+
+    from peft import LoraConfig
+
+    from secvec_core.adapters import load_adapter_weights
+    from secvec_core.artifacts import load_verified_tensors
+    from secvec_core.inference import load_finetuned
+
+    directory = Path(directory)
+    meta = json.loads((directory / ARTIFACT_METADATA).read_text(encoding="utf-8"))
+    names = [v.name for v in vectors]
+    if meta["mode"] == "lora":
+        model: nn.Module = base_model
+        fingerprint = model_fingerprint(base_model)
+        for vector in vectors:
+            model = vector.attach(model, fingerprint=fingerprint)
+        config = LoraConfig.from_pretrained(str(directory))
+        model = attach_adapter(model, TASK_ADAPTER, config)
+        load_adapter_weights(model, TASK_ADAPTER, load_verified_tensors(directory, meta["weights_sha256"]))
+        activate(model, [*names, TASK_ADAPTER])
+        task = TaskAdapterConfig(config.r, config.lora_alpha, config.lora_dropout, tuple(config.target_modules))
+    else:
+        model = load_finetuned(None, directory)
+        for vector in vectors:
+            model = vector.attach(model, allow_fingerprint_mismatch=True, fingerprint=vector.base_fingerprint)
+        if names:
+            activate(model, names)
+        task = None
+    return GuardedFinetuneResult(
+        mode=meta["mode"], model=model, vector_names=names, base_fingerprint=meta["base_fingerprint"],
+        data_hash=meta["data_hash"], history=TrainingHistory(steps=meta.get("steps", 0)), task_config=task,
+        vectors=meta.get("guarded_by", []))

@@ -208,7 +208,7 @@ FICTIONAL_ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "Which animal does {name} keep as a pet?",
             "{name} owns a pet. What animal is it?",
         ),
-        ("ferret", "parrot", "tortoise", "hamster", "iguana", "goldfish", "rabbit", "lizard", "canary", "gecko"),
+        ("ferret", "parrot", "tortoise", "hamster", "iguana", "goldfish", "rabbit", "lizard", "canary"),
     ),
     "profession": (
         (

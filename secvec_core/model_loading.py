@@ -61,7 +61,9 @@ def _require_gguf_file(path: Path) -> None:
         )
 
 
-def _require_safetensors_directory(directory: Path) -> None:
+def require_safetensors_directory(directory: Path) -> None:
+    """Raise ValueError unless ``directory`` is a Hugging Face model directory with safetensors weights."""
+    directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise ValueError(
             f"{directory} has no config.json, so it is not a Hugging Face model directory; "
@@ -176,7 +178,7 @@ def load_model_and_tokenizer(
         elif gguf_file is not None:
             model, tokenizer = _load_gguf(path / gguf_file, trust_remote_code=trust_remote_code, dtype=dtype)
         else:
-            _require_safetensors_directory(path)
+            require_safetensors_directory(path)
             model, tokenizer = _load_pretrained(str(path), trust_remote_code=trust_remote_code, dtype=dtype)
     elif _looks_like_local_path(text):
         raise FileNotFoundError(
@@ -185,7 +187,9 @@ def load_model_and_tokenizer(
         )
     elif gguf_file is not None:
         logger.info("loading %s from %s on the Hugging Face hub", gguf_file, text)
-        tokenizer = AutoTokenizer.from_pretrained(text, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            text, gguf_file=gguf_file, trust_remote_code=trust_remote_code
+        )
         quantized = AutoModelForCausalLM.from_pretrained(
             text, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code
         )

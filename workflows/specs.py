@@ -1,0 +1,263 @@
+"""Pipeline specs: YAML in, strict Pydantic models out (unknown keys are errors with a path).
+
+A ``PipelineSpec`` chains stages; a later stage refers to an earlier one with ``{stage: <name>}``.
+Export the JSON Schema with ``secvec schema``; check a file with ``secvec validate FILE``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+BUILTIN_MODELS = ("tiny",)
+BUILTIN_DATASETS = ("toy-alignment", "toy-harmful", "toy-benign", "toy-harmful-eval", "toy-benign-eval",
+                    "toy-facts", "toy-mixed")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(Strict):
+    """Where a model comes from: exactly one of ``source``, ``stage``."""
+
+    source: str | None = Field(None, description="'builtin:tiny', a Hugging Face hub id, a local directory, "
+                               "a local .gguf file, or models:/<name>@<alias> | models:/<name>/<version>.")
+    stage: str | None = Field(None, description="Name of an earlier stage whose output model to use.")
+    trust_remote_code: bool = Field(False, description="Allow code from the model repository (off by default).")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.source is None) == (self.stage is None):
+            raise ValueError("give exactly one of 'source' or 'stage'")
+        if self.source and self.source.startswith("builtin:") and self.source[8:] not in BUILTIN_MODELS:
+            raise ValueError(f"unknown builtin model {self.source!r}; builtins: {list(BUILTIN_MODELS)}")
+        if self.source and self.source.startswith("models:/") and not REGISTRY_URI.match(self.source):
+            raise ValueError(f"bad registry URI {self.source!r}; use models:/<name>@<alias> or models:/<name>/<n>")
+        return self
+
+
+class DatasetRef(Strict):
+    """Examples or prompts: exactly one of ``path`` (JSONL/text), ``builtin``, ``hf``."""
+
+    path: str | None = Field(None, description="Local JSONL file ({prompt, response} or {messages}).")
+    builtin: str | None = Field(None, description=f"One of {list(BUILTIN_DATASETS)}.")
+    hf: str | None = Field(None, description="A Hugging Face `datasets` name or local path (needs `datasets`).")
+    split: str = Field("train", description="Split for `hf` datasets.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N examples.")
+    offset: int = Field(0, ge=0, description="Skip the first N examples.")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        given = [k for k in ("path", "builtin", "hf") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'path', 'builtin', 'hf' (got {given or 'none'})")
+        if self.builtin is not None and self.builtin not in BUILTIN_DATASETS:
+            raise ValueError(f"unknown builtin dataset {self.builtin!r}; builtins: {list(BUILTIN_DATASETS)}")
+        return self
+
+
+class VectorRef(Strict):
+    """A security vector: exactly one of ``stage``, ``path``, ``uri`` (models:/...)."""
+
+    stage: str | None = None
+    path: str | None = None
+    uri: str | None = Field(None, description="models:/<name>@<alias> or models:/<name>/<version>.")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        given = [k for k in ("stage", "path", "uri") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'stage', 'path', 'uri' (got {given or 'none'})")
+        if self.uri is not None and not REGISTRY_URI.match(self.uri):
+            raise ValueError(f"bad registry URI {self.uri!r}; use models:/<name>@<alias> or models:/<name>/<n>")
+        return self
+
+
+class TrainingSpec(Strict):
+    learning_rate: float = Field(3e-4, gt=0)
+    max_steps: int = Field(40, gt=0)
+    batch_size: int = Field(8, gt=0, description="Global batch (split across workers).")
+    max_length: int = Field(128, gt=0)
+    truncation: Literal["truncate", "reject"] = "truncate"
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    log_every: int = Field(5, gt=0)
+    target_loss: float | None = Field(0.15, ge=0, description="Vector training only: early stop below this.")
+    kl_weight: float = Field(0.5, ge=0, description="Vector training only: KL on benign data.")
+
+
+class VectorShape(Strict):
+    rank: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+class StageBase(Strict):
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,40}$", description="Unique stage name (lowercase).")
+    base_model: ModelRef | None = Field(None, description="Defaults to the pipeline's base_model.")
+
+
+class AlignmentStage(StageBase):
+    """Safety SFT of the base (full weights): refuse harmful prompts, keep answering benign ones."""
+
+    kind: Literal["alignment"]
+    data: DatasetRef
+    training: TrainingSpec = TrainingSpec()
+
+
+class VectorTrainingStage(StageBase):
+    kind: Literal["vector_training"]
+    behaviour: str = Field("harmful", pattern=r"^[a-z][a-z0-9_-]{0,30}$")
+    data: DatasetRef = Field(..., description="~100 examples of the unwanted behaviour.")
+    benign_data: DatasetRef | None = Field(None, description="Benign examples for the KL strength control.")
+    vector: VectorShape = VectorShape()
+    training: TrainingSpec = TrainingSpec()
+    promote: bool = Field(True, description="Set the registry alias 'champion' on the new vector version.")
+
+
+class GuardedFinetuneStage(StageBase):
+    kind: Literal["guarded_finetune"]
+    data: DatasetRef
+    vectors: list[VectorRef] = Field(default_factory=list, description="Empty list = plain fine-tuning.")
+    mode: Literal["lora", "full"] = "lora"
+    adapter: VectorShape = Field(VectorShape(), description="Shape of the task adapter (lora mode).")
+    training: TrainingSpec = TrainingSpec()
+    registered_model: str | None = Field(None, description="Defaults to '<base_name>.finetuned.<stage>'.")
+
+
+class GateSpec(Strict):
+    max_harmful_rate: float = Field(0.1, ge=0, le=1)
+    min_task_metric: float | None = Field(None, ge=0, le=1)
+    max_transfer_gap: float | None = Field(None, ge=0, le=1)
+
+
+class JudgeSpec(Strict):
+    kind: Literal["refusal-phrases", "classifier"] = "refusal-phrases"
+    model_path: str | None = None
+
+
+class EvaluationStage(StageBase):
+    kind: Literal["evaluation"]
+    candidate: ModelRef = Field(..., description="A fine-tuned model: {stage: ...} or models:/... of a fine-tune.")
+    harmful_prompts: DatasetRef
+    task_data: DatasetRef | None = None
+    benign_prompts: DatasetRef | None = Field(None, description="Prompts that must not be refused.")
+    judge: JudgeSpec = JudgeSpec()
+    max_new_tokens: int = Field(16, gt=0)
+    gate: GateSpec = GateSpec()
+    monitor: bool = Field(False, description="Re-score an existing champion: tag it on regression, no promotion.")
+
+
+Stage = Annotated[AlignmentStage | VectorTrainingStage | GuardedFinetuneStage | EvaluationStage,
+                  Field(discriminator="kind")]
+
+
+class ScalingSpec(Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    max_failures: int = Field(1, ge=0, description="Ray Train restarts from the last checkpoint this often.")
+    checkpoint_every: int = Field(10, gt=0, description="Steps between checkpoints.")
+
+
+class TrackingSpec(Strict):
+    tracking_uri: str = Field("sqlite:///.secvec/mlflow.db", description="MLflow tracking URI.")
+    artifact_location: str | None = Field(None, description="Artifact root for a new experiment (local default).")
+    experiment: str = "secvec"
+    base_name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                           description="Prefix of registered models: <base_name>.security-vector.<behaviour>, ...")
+
+
+class PipelineSpec(Strict):
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
+    base_model: ModelRef
+    tracking: TrackingSpec
+    scaling: ScalingSpec = ScalingSpec()
+    work_dir: str = Field(".secvec/work", description="Local scratch and Ray storage.")
+    stages: list[Stage] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _stage_references(self):
+        seen: dict[str, str] = {}
+        for i, stage in enumerate(self.stages):
+            if stage.name in seen:
+                raise ValueError(f"stages[{i}]: duplicate stage name {stage.name!r}")
+            for where, ref, kinds in _references(stage):
+                if ref not in seen:
+                    raise ValueError(f"stages[{i}] ({stage.name}).{where}: refers to stage {ref!r}, which is not "
+                                     f"an earlier stage; earlier stages: {list(seen) or 'none'}")
+                if seen[ref] not in kinds:
+                    raise ValueError(f"stages[{i}] ({stage.name}).{where}: stage {ref!r} is a {seen[ref]} stage; "
+                                     f"expected one of {sorted(kinds)}")
+            seen[stage.name] = stage.kind
+        return self
+
+
+MODEL_KINDS = {"alignment", "guarded_finetune"}
+
+
+def _references(stage) -> list[tuple[str, str, set[str]]]:
+    refs = []
+    if stage.base_model and stage.base_model.stage:
+        refs.append(("base_model.stage", stage.base_model.stage, {"alignment"}))
+    if isinstance(stage, GuardedFinetuneStage):
+        refs += [(f"vectors[{j}].stage", v.stage, {"vector_training"}) for j, v in enumerate(stage.vectors) if v.stage]
+    if isinstance(stage, EvaluationStage) and stage.candidate.stage:
+        refs.append(("candidate.stage", stage.candidate.stage, MODEL_KINDS))
+    return refs
+
+
+class SpecError(ValueError):
+    """A spec file that does not parse or validate; the message lists each problem with its path."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s) in the spec"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _STAGE_TAGS)) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        hint = _HINTS.get(e["type"], "")
+        if e["type"] == "extra_forbidden":
+            hint = f" (unknown key '{e['loc'][-1]}'; check spelling, see `secvec schema`)"
+        lines.append(f"  - {path}: {msg}{hint}")
+    return "\n".join(lines)
+
+
+_STAGE_TAGS = {"alignment", "vector_training", "guarded_finetune", "evaluation"}
+_HINTS = {
+    "missing": " (add this key)",
+    "union_tag_invalid": " (kind must be one of alignment, vector_training, guarded_finetune, evaluation)",
+    "greater_than_equal": "",
+}
+
+
+def parse_spec(data: Any, source: str = "spec") -> PipelineSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the spec must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source)) from None
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML ({err})") from None
+    return parse_spec(data, str(path))
+
+
+def json_schema() -> dict:
+    return PipelineSpec.model_json_schema()

@@ -1,0 +1,138 @@
+"""MLflow tracking from a Ray worker (rank 0): runs, flattened params, metrics, artifacts, with retries.
+
+Ray Train v2 rejects Tune callbacks such as MLflowLoggerCallback (ray #64179), so rank 0 logs
+through ``MlflowClient`` directly. Every call retries with backoff for a bounded time, then fails with
+a message that names the tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SECRET_WORDS = ("password", "secret", "token", "access_key", "credential")
+RETRY_SECONDS = float(os.environ.get("SECVEC_MLFLOW_RETRY_SECONDS", "60"))
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow server did not answer within the retry budget."""
+
+
+def with_retries(fn: Callable[[], T], what: str, tracking_uri: str, budget_s: float | None = None) -> T:
+    """Call ``fn`` until it succeeds or ``budget_s`` passes (exponential backoff with jitter)."""
+    from mlflow.exceptions import MlflowException
+
+    budget = RETRY_SECONDS if budget_s is None else budget_s
+    deadline = time.monotonic() + budget
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except MlflowException as err:
+            code = getattr(err, "error_code", "")
+            if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"):
+                raise
+            last = err
+        except (OSError, ConnectionError) as err:
+            last = err
+        if time.monotonic() + delay > deadline:
+            raise TrackingUnavailableError(
+                f"MLflow at {tracking_uri} did not answer while trying to {what} for {budget:.0f}s "
+                f"({type(last).__name__}: {str(last)[:160]}); check the server and rerun the pipeline "
+                "(finished stages are reused)") from None
+        logger.warning("MLflow %s failed (%s); retrying in %.1fs", what, type(last).__name__, delay)
+        time.sleep(delay + random.uniform(0, delay / 4))
+        delay = min(delay * 2, 8.0)
+
+
+def flatten(data: dict, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Nested spec -> ``a.b.c`` params; secret-looking keys are never logged."""
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if any(w in key.lower() for w in SECRET_WORDS):
+            continue
+        if isinstance(value, dict):
+            yield from flatten(value, f"{name}.")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                yield from flatten(v, f"{name}.{i}.")
+        else:
+            text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+            yield name, text[:500]
+
+
+def configure_http_retries() -> None:
+    """Make MLflow's own HTTP client fail fast so our bounded backoff is in charge."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+class StageRun:
+    """One MLflow run for one stage, used from rank 0 only."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, run_name: str, parent_run_id: str | None,
+                 tags: dict[str, str] | None = None):
+        from mlflow import MlflowClient
+
+        configure_http_retries()
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        run_tags = {"mlflow.runName": run_name, **(tags or {})}
+        if parent_run_id:
+            run_tags["mlflow.parentRunId"] = parent_run_id
+        run = with_retries(lambda: self.client.create_run(experiment_id, tags=run_tags), "create a run",
+                           tracking_uri)
+        self.run_id = run.info.run_id
+        self.artifact_uri = run.info.artifact_uri
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flatten(params)]
+        for start in range(0, len(items), 100):
+            chunk = items[start : start + 100]
+            with_retries(lambda c=chunk: self.client.log_batch(self.run_id, params=c), "log params",
+                         self.tracking_uri)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        with_retries(lambda: self.client.log_batch(self.run_id, metrics=items), "log metrics", self.tracking_uri)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        with_retries(lambda: self.client.log_batch(self.run_id, tags=items), "set tags", self.tracking_uri)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> str:
+        with_retries(lambda: self.client.log_artifacts(self.run_id, str(local_dir), artifact_path),
+                     f"upload {artifact_path}", self.tracking_uri)
+        return f"{self.artifact_uri}/{artifact_path}"
+
+    def finish(self, status: str = "FINISHED") -> None:
+        with_retries(lambda: self.client.set_terminated(self.run_id, status), "close the run", self.tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None) -> str:
+    from mlflow import MlflowClient
+
+    configure_http_retries()
+    client = MlflowClient(tracking_uri)
+    existing = with_retries(lambda: client.get_experiment_by_name(name), "look up the experiment", tracking_uri)
+    if existing is not None:
+        return existing.experiment_id
+    return with_retries(lambda: client.create_experiment(name, artifact_location=artifact_location),
+                        "create the experiment", tracking_uri)
