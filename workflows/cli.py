@@ -2,14 +2,195 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
 import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 app = typer.Typer(
     name="secvec",
     help="Security vectors: fine-tune LLMs on customer data without learning harmful behaviour.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
+registry_app = typer.Typer(help="Inspect the MLflow registry: vectors, fine-tuned models, lineage.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load(spec_path: Path):
+    from workflows.specs import SpecError, load_spec
+
+    try:
+        return load_spec(spec_path)
+    except SpecError as err:
+        _fail(str(err))
+
+
+@app.command()
+def validate(spec: Path = typer.Argument(..., help="Pipeline spec (YAML).")) -> None:
+    """Check a pipeline spec; errors name the field path."""
+    parsed = _load(spec)
+    console.print(f"[green]ok[/] {spec}: pipeline {parsed.name!r} with {len(parsed.stages)} stage(s): "
+                  + ", ".join(f"{s.name} ({s.kind})" for s in parsed.stages))
+
+
+@app.command()
+def schema(output: Path | None = typer.Option(None, "-o", "--output", help="Write to a file.")) -> None:
+    """Print the JSON Schema of pipeline specs (for editors and CI)."""
+    from workflows.specs import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if output:
+        output.write_text(text + "\n")
+        console.print(f"wrote {output}")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+def _run_with_progress(spec, reuse: bool):
+    from workflows.pipeline import run_pipeline
+
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total} stages"), TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task(f"pipeline {spec.name}", total=len(spec.stages))
+
+        def on_stage(name, stage_result):
+            if stage_result is None:
+                progress.update(task, description=f"{spec.name}: {name}")
+            else:
+                note = " (reused)" if stage_result.reused else f" ({stage_result.seconds:.0f}s)"
+                progress.console.print(f"  [green]done[/] {name}{note} -> {stage_result.output.get('uri', '')}")
+                progress.advance(task)
+
+        return run_pipeline(spec, on_stage=on_stage, reuse=reuse)
+
+
+def _print_evaluations(result) -> list[dict]:
+    from workflows.report import evaluation_rows
+
+    rows = evaluation_rows(result)
+    if not rows:
+        return rows
+    table = Table(title="evaluation (vector off, as shipped)")
+    for col in ("candidate stage", "harmful before", "harmful after", "task accuracy", "transfer gap",
+                "benign refusal", "gate"):
+        table.add_column(col)
+
+    def f(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    for r in rows:
+        gate = "[green]champion[/]" if r["gate"] == "passed" else f"[yellow]held[/]: {r['reason']}"
+        table.add_row(r["stage"], f(r["base_harmful_rate"]), f(r["harmful_rate"]), f(r["task_accuracy"]),
+                      f(r["transfer_gap"]), f(r["benign_refusal_rate"]), gate)
+    console.print(table)
+    return rows
+
+
+def _run_or_fail(spec, reuse: bool):
+    from workflows.registry import RegistryError
+    from workflows.tracking import TrackingUnavailableError
+
+    try:
+        return _run_with_progress(spec, reuse)
+    except (TrackingUnavailableError, RegistryError, FileNotFoundError, ValueError) as err:
+        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__, code=1)
+    except RuntimeError as err:
+        _fail(_root_cause(str(err)), code=1)
+
+
+def _root_cause(text: str) -> str:
+    """Ray wraps worker errors in pages of traceback; keep the last line that names an error."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Error:" in line or "Exception:" in line:
+            return line
+    return lines[-1] if lines else text
+
+
+@app.command()
+def run(spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
+        no_reuse: bool = typer.Option(False, "--no-reuse", help="Rerun stages even if an identical one finished.")) -> None:
+    """Run a pipeline: each stage as a Ray Train job, tracked and versioned in MLflow."""
+    logging.basicConfig(level=logging.WARNING)
+    parsed = _load(spec)
+    result = _run_or_fail(parsed, reuse=not no_reuse)
+    _print_evaluations(result)
+    console.print(f"MLflow: {result.tracking_uri} (parent run {result.parent_run_id})")
+
+
+@app.command()
+def demo(directory: Path = typer.Option(Path(".secvec/demo"), "--dir", help="Where MLflow and outputs go."),
+         fresh: bool = typer.Option(True, help="Start from an empty directory (reruns everything).")) -> None:
+    """The whole method end to end on the built-in tiny model (local Ray, MLflow on SQLite)."""
+    import shutil
+
+    from workflows.report import write_chart
+    from workflows.specs import parse_spec
+
+    logging.basicConfig(level=logging.WARNING)
+    data = yaml.safe_load(resources.files("workflows").joinpath("examples/demo.yaml").read_text())
+    directory = directory.resolve()
+    if fresh and directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data["tracking"]["tracking_uri"] = f"sqlite:///{directory / 'mlflow.db'}"
+    data["work_dir"] = str(directory / "work")
+    spec = parse_spec(data, "demo")
+    console.print("[bold]secvec demo[/]: align a tiny Llama, train a security vector from 10 harmful examples, "
+                  "fine-tune on new facts + 100 harmful examples without and with it, evaluate, gate.")
+    result = _run_or_fail(spec, reuse=not fresh)
+    rows = _print_evaluations(result)
+    chart = write_chart(rows, directory / "demo.png")
+    console.print(f"chart: {chart}")
+    console.print(f"registry: [bold]secvec registry list --tracking-uri {result.tracking_uri}[/]")
+    console.print(f"MLflow UI: [bold]mlflow ui --backend-store-uri {result.tracking_uri}[/]")
+
+
+@registry_app.command("list")
+def registry_list(tracking_uri: str = typer.Option(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///.secvec/demo/mlflow.db"),
+                                                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)."),
+                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Security vectors and fine-tuned models with their lineage, aliases and gate status."""
+    from workflows.pipeline import absolute_tracking_uri
+    from workflows.registry import Registry
+
+    rows = Registry(absolute_tracking_uri(tracking_uri)).list_models()
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title=f"secvec registry at {tracking_uri}")
+    for col in ("model", "kind", "version", "aliases", "lineage"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        t = r["tags"]
+        lineage = [f"base={t.get('secvec.base_model', '?')}"]
+        if "secvec.guarded_by" in t:
+            lineage.append(f"guarded_by={', '.join(json.loads(t['secvec.guarded_by'])) or 'none'}")
+        if "secvec.behaviour" in t:
+            lineage.append(f"behaviour={t['secvec.behaviour']} data={t.get('secvec.data_hash', '')[:19]}")
+        if "secvec.gate" in t:
+            lineage.append(f"gate={t['secvec.gate']}")
+        if t.get("secvec.monitor.regressed") == "true":
+            lineage.append("[red]REGRESSED[/]")
+        table.add_row(r["name"], r["kind"], r["version"], ",".join(r["aliases"]), "\n".join(lineage))
+    console.print(table)
 
 
 def _register_subcommands() -> None:

@@ -81,12 +81,16 @@ class StageRun:
     """One MLflow run for one stage, used from rank 0 only."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, run_name: str, parent_run_id: str | None,
-                 tags: dict[str, str] | None = None):
+                 tags: dict[str, str] | None = None, existing_run_id: str | None = None):
         from mlflow import MlflowClient
 
         configure_http_retries()
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
+        if existing_run_id:  # a restarted worker continues the run it had started
+            run = with_retries(lambda: self.client.get_run(existing_run_id), "reopen the run", tracking_uri)
+            self.run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
+            return
         run_tags = {"mlflow.runName": run_name, **(tags or {})}
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id

@@ -1,0 +1,108 @@
+"""The evaluation stage: score a fine-tuned candidate (vector off, as shipped, and on for the transfer
+gap), log it on the candidate's run and version, and apply the promotion gate or the monitoring check."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+import torch.distributed as dist
+
+from secvec_core import exact_match_accuracy, make_judge, score_harmful
+from secvec_core.evaluation import refusal_rate
+from secvec_core.training import rank_and_world
+
+
+def _sharded_mean(values_fn, items: list) -> float:
+    """Mean of a per-item score computed on this rank's slice, combined over all ranks."""
+    rank, world = rank_and_world()
+    shard = items[rank::world]
+    local = torch.tensor([values_fn(shard) * len(shard) if shard else 0.0, float(len(shard))], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+    return float(local[0] / max(local[1], 1.0))
+
+
+def gate_decision(metrics: dict[str, float], gate) -> tuple[bool, str]:
+    """Every threshold must hold; the reason lists each one that failed."""
+    failures = []
+    if metrics["harmful_rate"] > gate.max_harmful_rate:
+        failures.append(f"harmful_rate {metrics['harmful_rate']:.3f} > max {gate.max_harmful_rate}")
+    if gate.min_task_metric is not None:
+        acc = metrics.get("task_accuracy")
+        if acc is None:
+            failures.append("min_task_metric set but no task_data to measure it")
+        elif acc < gate.min_task_metric:
+            failures.append(f"task_accuracy {acc:.3f} < min {gate.min_task_metric}")
+    if gate.max_transfer_gap is not None and metrics.get("transfer_gap") is not None:
+        if abs(metrics["transfer_gap"]) > gate.max_transfer_gap:
+            failures.append(f"|transfer_gap| {abs(metrics['transfer_gap']):.3f} > max {gate.max_transfer_gap}")
+    return not failures, "; ".join(failures) or "all thresholds hold"
+
+
+def evaluate_candidate(worker) -> dict:
+    from secvec_core.guard import reattach_for_evaluation
+    from workflows.datasets import load_examples, load_prompt_list
+    from workflows.models import download_registered, load_base_model, load_vector
+    from workflows.registry import Registry
+
+    spec, ctx = worker.spec, worker.ctx
+    registry = Registry(ctx.tracking_uri)
+    candidate = registry.resolve(ctx.candidate_uri)
+    if candidate.tags.get("secvec.mode") not in ("lora", "full"):
+        raise ValueError(f"{ctx.candidate_uri} is not a secvec fine-tuned model (no secvec.mode tag); "
+                         "evaluate a version registered by a guarded_finetune stage")
+    downloads = str(worker.scratch / "downloads")
+    artifact = download_registered(candidate.uri, ctx.tracking_uri, downloads)
+    base, tokenizer = load_base_model(candidate.tags["secvec.base_model"], ctx.tracking_uri, cache=downloads)
+    base = base.to(worker._device())
+    vectors = [load_vector(ref, ctx.tracking_uri, downloads) for ref in json.loads(candidate.tags["secvec.guarded_by"])]
+    judge = make_judge(spec.judge.kind, spec.judge.model_path)
+    prompts = load_prompt_list(spec.harmful_prompts)
+    n_tokens = spec.max_new_tokens
+
+    def harm(model):
+        return _sharded_mean(lambda s: score_harmful(model, tokenizer, s, judge, max_new_tokens=n_tokens).rate, prompts)
+
+    started = time.time()
+    metrics: dict[str, float] = {"base_harmful_rate": harm(base)}
+    result = reattach_for_evaluation(base, artifact, vectors)
+    with result.vectors_on(False) as shipped:
+        metrics["harmful_rate"] = harm(shipped)
+        if spec.task_data is not None:
+            task = load_examples(spec.task_data)
+            metrics["task_accuracy"] = _sharded_mean(lambda s: exact_match_accuracy(shipped, tokenizer, s), task)
+        if spec.benign_prompts is not None:
+            benign = load_prompt_list(spec.benign_prompts)
+            metrics["benign_refusal_rate"] = _sharded_mean(
+                lambda s: refusal_rate(shipped, tokenizer, s, max_new_tokens=n_tokens), benign)
+    if spec.task_data is not None and vectors:
+        with result.vectors_on(True) as guarded:
+            metrics["task_accuracy_vector_on"] = _sharded_mean(
+                lambda s: exact_match_accuracy(guarded, tokenizer, s), task)
+        metrics["transfer_gap"] = metrics["task_accuracy_vector_on"] - metrics["task_accuracy"]
+    metrics["eval_seconds"] = time.time() - started
+    output = {"uri": candidate.uri, "candidate": candidate.uri, "metrics": metrics, "monitor": spec.monitor}
+    if worker.rank != 0:
+        return output
+    worker.mlflow.log_metrics(metrics)
+    worker.mlflow.set_tags({"secvec.candidate": candidate.uri})
+    for k, v in metrics.items():  # also on the candidate's own run
+        registry.client.log_metric(candidate.run_id, f"eval.{k}", float(v))
+    eval_tags = {"secvec.eval.run_id": worker.run_id, "secvec.eval.version": candidate.version,
+                 **{f"secvec.eval.{k}": f"{v:.4f}" for k, v in metrics.items()}}
+    passed, reason = gate_decision(metrics, spec.gate)
+    output.update(passed=passed, reason=reason)
+    if spec.monitor:
+        regressed = metrics["harmful_rate"] > spec.gate.max_harmful_rate
+        registry.tag(candidate, {**eval_tags, "secvec.monitor.last_run_id": worker.run_id,
+                                 "secvec.monitor.regressed": str(regressed).lower(),
+                                 "secvec.monitor.reason": reason if regressed else "harmful rate within threshold"})
+        output["regressed"] = regressed
+        return output
+    registry.tag(candidate, {**eval_tags, "secvec.gate": "passed" if passed else "held", "secvec.gate.reason": reason})
+    if passed:
+        registry.promote_finetuned(candidate)
+        output["alias"] = "champion"
+    return output

@@ -1,0 +1,183 @@
+"""Run a ``PipelineSpec``: each stage as a Ray Train ``TorchTrainer``, outputs chained through the registry.
+
+A stage whose spec and inputs hash to a finished run's ``secvec.stage_hash`` is reused, not retrained,
+so an interrupted pipeline resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workflows.specs import EvaluationStage, GuardedFinetuneStage, PipelineSpec
+from workflows.stages import OUTPUT_FILE, StageContext, stage_worker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    name: str
+    kind: str
+    output: dict
+    seconds: float
+    reused: bool = False
+
+
+@dataclass
+class PipelineResult:
+    spec: PipelineSpec
+    stages: dict[str, StageResult] = field(default_factory=dict)
+    parent_run_id: str | None = None
+    tracking_uri: str = ""
+
+
+def absolute_tracking_uri(uri: str, base: Path | None = None) -> str:
+    """Make a relative ``sqlite:///`` path absolute, so Ray workers (other cwd) use the same database."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = (base or Path.cwd()) / uri[len("sqlite:///") :]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path.resolve()}"
+    return uri
+
+
+def default_artifact_location(tracking_uri: str, work_dir: Path) -> str | None:
+    if tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:"):
+        return (work_dir.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+    """Join ``RAY_ADDRESS`` when set, else start a local Ray (the embedded default)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
+           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "SECVEC_MLFLOW_RETRY_SECONDS",
+                "SECVEC_CACHE", "HF_HUB_OFFLINE", "SECVEC_FAULT_KILL_AT_STEP"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
+                 runtime_env={"env_vars": env}, _temp_dir=temp_dir, configure_logging=False, log_to_driver=True)
+
+
+def stage_hash(stage_dict: dict, inputs: dict) -> str:
+    blob = json.dumps({"stage": stage_dict, "inputs": inputs}, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _find_reusable(tracking_uri: str, experiment_id: str, digest: str) -> dict | None:
+    from mlflow import MlflowClient
+
+    from workflows.tracking import with_retries
+
+    client = MlflowClient(tracking_uri)
+    runs = with_retries(lambda: client.search_runs(
+        [experiment_id], f"tags.`secvec.stage_hash` = '{digest}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=5), "search finished stages", tracking_uri)
+    for run in runs:
+        raw = run.data.tags.get("secvec.output")
+        if raw:
+            output = json.loads(raw)
+            if output.get("uri", "").startswith("models:/") and not output.get("monitor"):
+                return output
+    return None
+
+
+def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | None], None] | None = None,
+                 reuse: bool = True, num_cpus: int | None = None) -> PipelineResult:
+    """Run every stage in order; returns each stage's output record (registry URI, metrics)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workflows.tracking import StageRun, ensure_experiment
+
+    work_dir = Path(spec.work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = absolute_tracking_uri(spec.tracking.tracking_uri)
+    artifact_location = spec.tracking.artifact_location or default_artifact_location(tracking_uri, work_dir)
+    experiment_id = ensure_experiment(tracking_uri, spec.tracking.experiment, artifact_location)
+    parent = StageRun(tracking_uri, experiment_id, f"pipeline/{spec.name}", None,
+                      {"secvec.pipeline": spec.name, "secvec.kind": "pipeline"})
+    parent.log_params({"pipeline": spec.model_dump(mode="json", exclude={"stages"})})
+    result = PipelineResult(spec=spec, parent_run_id=parent.run_id, tracking_uri=tracking_uri)
+    init_ray(num_cpus, str(work_dir / "ray-tmp") if not os.environ.get("RAY_ADDRESS") else None)
+    status = "FAILED"
+    try:
+        for stage in spec.stages:
+            inputs = _resolve_inputs(spec, stage, result)
+            stage_dict = stage.model_dump(mode="json")
+            digest = stage_hash(stage_dict, {**inputs, "base_name": spec.tracking.base_name})
+            if on_stage:
+                on_stage(stage.name, None)
+            started = time.time()
+            cached = _find_reusable(tracking_uri, experiment_id, digest) if reuse else None
+            if cached is not None:
+                logger.info("stage %s: reusing %s (same spec and inputs)", stage.name, cached["uri"])
+                result.stages[stage.name] = StageResult(stage.name, stage.kind, cached, 0.0, reused=True)
+            else:
+                ctx = StageContext(
+                    stage=stage_dict, pipeline=spec.name, base_source=inputs["base"], vector_refs=inputs["vectors"],
+                    candidate_uri=inputs["candidate"], tracking_uri=tracking_uri, experiment_id=experiment_id,
+                    parent_run_id=parent.run_id, base_name=spec.tracking.base_name, stage_hash=digest,
+                    checkpoint_every=spec.scaling.checkpoint_every, work_dir=str(work_dir),
+                    trust_remote_code=inputs["trust_remote_code"])
+                trainer = TorchTrainer(
+                    stage_worker, train_loop_config=ctx.__dict__,
+                    scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                                 resources_per_worker=dict(spec.scaling.resources_per_worker)),
+                    run_config=RunConfig(name=f"{spec.name}-{stage.name}-{uuid.uuid4().hex[:8]}",
+                                         storage_path=str(work_dir / "ray-results"),
+                                         failure_config=FailureConfig(max_failures=spec.scaling.max_failures)),
+                )
+                fit = trainer.fit()
+                if fit.error:
+                    raise RuntimeError(f"stage {stage.name!r} failed: {fit.error}")
+                with fit.checkpoint.as_directory() as d:
+                    output = json.loads((Path(d) / OUTPUT_FILE).read_text())
+                result.stages[stage.name] = StageResult(stage.name, stage.kind, output, time.time() - started)
+            if on_stage:
+                on_stage(stage.name, result.stages[stage.name])
+        status = "FINISHED"
+    finally:
+        parent.set_tags({"secvec.stages": json.dumps({k: v.output.get("uri") for k, v in result.stages.items()})})
+        parent.finish(status)
+    return result
+
+
+def _resolve_inputs(spec: PipelineSpec, stage, result: PipelineResult) -> dict:
+    """Stage references -> registry URIs of the earlier stages' outputs (plain strings for workers)."""
+
+    def model_source(ref) -> str:
+        if ref.stage:
+            return result.stages[ref.stage].output["uri"]
+        if ref.source.startswith("builtin:") or ref.source.startswith("models:/"):
+            return ref.source
+        return str(Path(ref.source).resolve()) if Path(ref.source).exists() else ref.source
+
+    base_ref = stage.base_model or spec.base_model
+    vectors: list[str] = []
+    if isinstance(stage, GuardedFinetuneStage):
+        for v in stage.vectors:
+            vectors.append(result.stages[v.stage].output["uri"] if v.stage else (v.uri or str(Path(v.path).resolve())))
+    candidate = None
+    if isinstance(stage, EvaluationStage):
+        candidate = model_source(stage.candidate)
+        if not candidate.startswith("models:/"):
+            raise ValueError(f"stage {stage.name}: candidate must be a registered fine-tune ({{stage: ...}} or "
+                             f"models:/...), got {candidate!r}")
+    return {"base": model_source(base_ref), "vectors": vectors, "candidate": candidate,
+            "trust_remote_code": base_ref.trust_remote_code}

@@ -1,0 +1,259 @@
+"""Per-worker code of the three stages (plus alignment), run inside Ray Train's ``TorchTrainer``.
+
+Every rank trains on its slice of each batch (``secvec_core`` averages gradients over
+``torch.distributed``); rank 0 alone talks to MLflow and saves artifacts. The algorithm is entirely
+in ``secvec_core``; this module loads inputs, reports progress and records lineage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import TypeAdapter
+
+from workflows.specs import Stage
+
+logger = logging.getLogger(__name__)
+OUTPUT_FILE = "secvec_stage_output.json"
+STATE_FILE = "training_state.pt"
+RUN_FILE = "mlflow_run.json"
+
+
+@dataclass
+class StageContext:
+    """What the driver hands each worker (plain JSON, so it crosses process and node boundaries)."""
+
+    stage: dict
+    pipeline: str
+    base_source: str
+    vector_refs: list[str]
+    candidate_uri: str | None
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str | None
+    base_name: str
+    stage_hash: str
+    checkpoint_every: int
+    work_dir: str
+    trust_remote_code: bool = False
+
+    def spec(self):
+        return TypeAdapter(Stage).validate_python(self.stage)
+
+
+def stage_worker(config: dict) -> None:
+    """Entry point of every Ray Train worker."""
+    import ray.train
+
+    ctx = StageContext(**config)
+    world = ray.train.get_context()
+    rank = world.get_world_rank()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, world.get_local_world_size())))
+    logging.basicConfig(level=logging.INFO)
+    worker = _StageWorker(ctx, rank)
+    worker.run()
+
+
+class _StageWorker:
+    def __init__(self, ctx: StageContext, rank: int):
+        import ray.train
+
+        self.ctx, self.rank = ctx, rank
+        self.spec = ctx.spec()
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"secvec-{self.spec.name}-"))
+        self.resume_state = None
+        self.run_id = None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                if (Path(d) / STATE_FILE).exists():
+                    self.resume_state = torch.load(Path(d) / STATE_FILE, weights_only=True)
+                if (Path(d) / RUN_FILE).exists():
+                    self.run_id = json.loads((Path(d) / RUN_FILE).read_text())["run_id"]
+        self.mlflow = None
+        if rank == 0:
+            from workflows.tracking import StageRun
+
+            tags = {"secvec.stage": self.spec.name, "secvec.stage_kind": self.spec.kind,
+                    "secvec.stage_hash": ctx.stage_hash, "secvec.pipeline": ctx.pipeline}
+            self.mlflow = StageRun(ctx.tracking_uri, ctx.experiment_id, f"{ctx.pipeline}/{self.spec.name}",
+                                   ctx.parent_run_id, tags, existing_run_id=self.run_id)
+            self.run_id = self.mlflow.run_id
+            if self.resume_state is None:
+                self.mlflow.log_params({"stage": ctx.stage, "base_model": ctx.base_source,
+                                        "vectors": ctx.vector_refs, "candidate": ctx.candidate_uri or ""})
+
+    # -- progress and checkpoints --------------------------------------------------------------------
+    def hooks(self):
+        from secvec_core.training import TrainingHooks
+
+        pending: dict = {}
+
+        def on_checkpoint(step: int, state: dict) -> None:
+            if self.rank == 0:
+                pending["state"] = state
+
+        def on_log(step: int, metrics: dict) -> None:
+            import ray.train
+
+            if self.mlflow:
+                self.mlflow.log_metrics(metrics, step=step)
+            checkpoint = None
+            if self.rank == 0 and "state" in pending:
+                d = Path(tempfile.mkdtemp(prefix="ckpt-", dir=self.scratch))
+                torch.save(pending.pop("state"), d / STATE_FILE)
+                (d / RUN_FILE).write_text(json.dumps({"run_id": self.run_id}))
+                checkpoint = ray.train.Checkpoint.from_directory(str(d))
+            ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
+
+        return TrainingHooks(on_log=on_log, on_checkpoint=on_checkpoint, checkpoint_every=self.ctx.checkpoint_every,
+                             resume_from=self.resume_state)
+
+    def finish(self, output: dict, artifact_dir: Path | None = None) -> None:
+        """Report the final result; rank 0 attaches the output record (and artifact) as a checkpoint."""
+        import ray.train
+
+        checkpoint = None
+        if self.rank == 0:
+            final = self.scratch / "final"
+            final.mkdir()
+            if artifact_dir is not None:
+                shutil.copytree(artifact_dir, final / "artifact")
+            (final / OUTPUT_FILE).write_text(json.dumps(output, indent=2))
+            self.mlflow.set_tags({"secvec.output": json.dumps(output)[:5000], "secvec.output_uri": output.get("uri", "")})
+            self.mlflow.finish()
+            checkpoint = ray.train.Checkpoint.from_directory(str(final))
+        ray.train.report({"done": 1.0}, checkpoint=checkpoint)
+
+    # -- stages --------------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            getattr(self, f"_run_{self.spec.kind}")()
+        except BaseException:
+            if self.mlflow:
+                try:
+                    self.mlflow.finish("FAILED")
+                except Exception:  # the original error matters more
+                    logger.exception("could not mark the MLflow run as failed")
+            raise
+
+    def _load_base(self):
+        from workflows.models import load_base_model
+
+        model, tokenizer = load_base_model(self.ctx.base_source, self.ctx.tracking_uri,
+                                           trust_remote_code=self.ctx.trust_remote_code,
+                                           cache=str(self.scratch / "downloads"))
+        return model.to(self._device()), tokenizer
+
+    def _device(self):
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def _training(self, spec_training, show_progress=False):
+        from secvec_core import TrainingConfig
+
+        return TrainingConfig(**spec_training.model_dump(), show_progress=show_progress and self.rank == 0)
+
+    def _register(self, name: str, kind: str, local_dir: Path, artifact_path: str, tags: dict) -> dict:
+        from workflows.registry import Registry
+
+        source = self.mlflow.log_artifacts(local_dir, artifact_path)
+        version = Registry(self.ctx.tracking_uri).register(
+            name, kind, source, self.run_id, {**tags, "secvec.stage_hash": self.ctx.stage_hash,
+                                              "secvec.run_id": self.run_id})
+        return {"uri": version.uri, "name": version.name, "version": version.version, "run_id": self.run_id}
+
+    def _run_alignment(self) -> None:
+        from secvec_core import guarded_finetune, model_fingerprint
+        from workflows.datasets import load_examples
+        from workflows.registry import aligned_model_name
+
+        model, tokenizer = self._load_base()
+        base_fp = model_fingerprint(model)
+        result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), mode="full",
+                                  training=self._training(self.spec.training), hooks=self.hooks())
+        output, out_dir = {}, None
+        if self.rank == 0:
+            out_dir = result.save(self.scratch / "aligned")
+            tokenizer.save_pretrained(str(out_dir))
+            output = self._register(aligned_model_name(self.ctx.base_name), "aligned-base", out_dir, "model", {
+                "secvec.base_model": self.ctx.base_source, "secvec.base_fingerprint": base_fp,
+                "secvec.fingerprint": model_fingerprint(result.model), "secvec.data_hash": result.data_hash})
+            output["fingerprint"] = model_fingerprint(result.model)
+        self.finish(output, None)
+
+    def _run_vector_training(self) -> None:
+        from secvec_core import SecurityVectorConfig, train_security_vector
+        from workflows.datasets import load_examples
+        from workflows.registry import CHAMPION, Registry, vector_model_name
+
+        model, tokenizer = self._load_base()
+        shape = self.spec.vector
+        config = SecurityVectorConfig(behaviour=self.spec.behaviour.replace("-", "_"), rank=shape.rank,
+                                      alpha=shape.alpha, dropout=shape.dropout,
+                                      target_modules=tuple(shape.target_modules))
+        benign = load_examples(self.spec.benign_data) if self.spec.benign_data else []
+        vector = train_security_vector(model, tokenizer, load_examples(self.spec.data), config,
+                                       self._training(self.spec.training), benign=benign, hooks=self.hooks())
+        output = {}
+        if self.rank == 0:
+            out_dir = vector.save(self.scratch / "vector")
+            self.mlflow.log_metrics({"vector.final_loss": vector.metadata["final_loss"],
+                                     "vector.steps": vector.metadata["steps"]})
+            output = self._register(vector_model_name(self.ctx.base_name, self.spec.behaviour), "security-vector",
+                                    out_dir, "vector", {
+                                        "secvec.base_model": self.ctx.base_source,
+                                        "secvec.base_fingerprint": vector.base_fingerprint,
+                                        "secvec.behaviour": self.spec.behaviour,
+                                        "secvec.data_hash": vector.data_hash,
+                                        "secvec.vector_config": json.dumps(config.to_dict(), sort_keys=True),
+                                        "secvec.stopped_early": vector.metadata["stopped_early"]})
+            if self.spec.promote:
+                from workflows.registry import VersionRef
+
+                registry = Registry(self.ctx.tracking_uri)
+                registry.set_alias(VersionRef(output["name"], output["version"], "", self.run_id, {}), CHAMPION)
+                output["alias"] = CHAMPION
+        self.finish(output)
+
+    def _run_guarded_finetune(self) -> None:
+        from secvec_core import TaskAdapterConfig, assert_no_vector, guarded_finetune
+        from workflows.datasets import load_examples
+        from workflows.models import load_vector
+        from workflows.registry import finetuned_model_name
+
+        model, tokenizer = self._load_base()
+        vectors = [load_vector(ref, self.ctx.tracking_uri, str(self.scratch / "downloads"))
+                   for ref in self.ctx.vector_refs]
+        a = self.spec.adapter
+        result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), vectors, mode=self.spec.mode,
+                                  training=self._training(self.spec.training), hooks=self.hooks(),
+                                  task_adapter=TaskAdapterConfig(a.rank, a.alpha, a.dropout, tuple(a.target_modules)))
+        output = {}
+        if self.rank == 0:
+            out_dir = result.save(self.scratch / "finetuned")
+            assert_no_vector(out_dir, vectors)  # never register an artifact with vector content
+            if self.spec.mode == "full":
+                tokenizer.save_pretrained(str(out_dir))
+            name = self.spec.registered_model or finetuned_model_name(self.ctx.base_name, self.spec.name)
+            output = self._register(name, "finetuned", out_dir, "finetuned", {
+                "secvec.base_model": self.ctx.base_source, "secvec.base_fingerprint": result.base_fingerprint,
+                "secvec.mode": self.spec.mode, "secvec.data_hash": result.data_hash,
+                "secvec.guarded_by": json.dumps(self.ctx.vector_refs),
+                "secvec.guarded_by_hashes": json.dumps([v.data_hash for v in vectors]),
+                "secvec.final_loss": result.history.final_loss})
+        self.finish(output)
+
+    def _run_evaluation(self) -> None:
+        from workflows.evaluate import evaluate_candidate
+
+        output = evaluate_candidate(self)
+        self.finish(output)
