@@ -210,10 +210,15 @@ def _mounts_pipeline_dir(template: Mapping[str, Any]) -> bool:
 
 
 def _inject_pipeline(template: dict[str, Any], pipeline_yaml: str, image: str) -> None:
-    """Deliver the spec into /config/pipeline.yaml of this pod through an init container."""
+    """Deliver the spec into /config/pipeline.yaml of this pod through an init container (or refresh
+    the one a template rendered by this module already has)."""
+    spec = template.setdefault("spec", {})
+    for init in spec.get("initContainers") or []:
+        if init.get("name") == "secvec-pipeline":
+            init["env"] = [{"name": PIPELINE_ENV_VAR, "value": pipeline_yaml}]
+            return
     if _mounts_pipeline_dir(template):
         return
-    spec = template.setdefault("spec", {})
     spec.setdefault("volumes", []).append({"name": "secvec-pipeline", "emptyDir": {}})
     mount = {"name": "secvec-pipeline", "mountPath": PIPELINE_DIR}
     spec["containers"][0].setdefault("volumeMounts", []).append({**mount, "readOnly": True})
@@ -526,6 +531,4 @@ class _NoAliasDumper(yaml.SafeDumper):
 
 def to_yaml(*objects: Mapping[str, Any]) -> str:
     """Objects as a multi-document YAML stream, keys in insertion order, no YAML anchors."""
-    return "---\n".join(
-        yaml.dump(dict(obj), Dumper=_NoAliasDumper, sort_keys=False, width=110) for obj in objects
-    )
+    return "---\n".join(yaml.dump(dict(obj), Dumper=_NoAliasDumper, sort_keys=False, width=110) for obj in objects)

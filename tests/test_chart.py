@@ -1,0 +1,458 @@
+"""charts/secvec: `helm lint --strict`, `helm template` validated offline, and per-template behaviour
+in the helm-unittest style, with helm 3 and helm 4 (fetched by tools/get-helm.sh)."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+try:
+    from tests.conftest_kube import (
+        HELMS,
+        REPO_ROOT,
+        crd_validator,
+        load_documents,
+        pod_specs,
+        require_tools,
+        validation_errors,
+    )
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from conftest_kube import (
+        HELMS,
+        REPO_ROOT,
+        crd_validator,
+        load_documents,
+        pod_specs,
+        require_tools,
+        validation_errors,
+    )
+
+from workflows import kube
+
+# Needs the helm binaries (fetched once by tools/get-helm.sh); about 15 s in all.
+pytestmark = pytest.mark.slow
+
+CHART = REPO_ROOT / "charts" / "secvec"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+RELEASE, NAMESPACE = "demo", "ml"
+
+
+@pytest.fixture(scope="session")
+def tools() -> Path:
+    return require_tools()
+
+
+def _helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(require_tools() / helm), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@functools.cache
+def _template(helm: str, values: tuple[str, ...] = (), sets: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    for path in values:
+        args += ["-f", path]
+    for item in sets:
+        args += ["--set", item]
+    return _helm(helm, *args)
+
+
+def render(*sets: str, values: tuple[str, ...] = (), helm: str = "helm3") -> list[dict[str, Any]]:
+    result = _template(helm, tuple(str(v) for v in values), sets)
+    assert result.returncode == 0, result.stderr
+    return load_documents(result.stdout)
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
+    return matches[0]
+
+
+def kinds(objects: list[dict[str, Any]]) -> set[str]:
+    return {o["kind"] for o in objects}
+
+
+def container(pod_spec: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in pod_spec["containers"] if c["name"] == name)
+
+
+def env_of(container_spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in container_spec.get("env", [])}
+
+
+def mlflow_args(objects: list[dict[str, Any]]) -> list[str]:
+    deployment = find(objects, "Deployment", f"{RELEASE}-secvec-mlflow")
+    return container(deployment["spec"]["template"]["spec"], "mlflow")["command"]
+
+
+def option(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+# --- lint and schema validation of every ci values file, both helms --------------------------------
+
+
+def test_ci_values_cover_the_documented_cases() -> None:
+    names = {path.name.removesuffix("-values.yaml") for path in CI_VALUES}
+    expected = {"default", "external-database", "s3-artifacts", "schedule-raycronjob", "schedule-cronjob"}
+    assert expected | {"basic-auth", "gpu-workers"} <= names
+
+
+@pytest.mark.parametrize("helm", HELMS)
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_helm_lint_strict(tools: Path, helm: str, values: Path) -> None:
+    result = _helm(helm, "lint", "--strict", str(CHART), "-f", str(values))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("helm", HELMS)
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_rendered_objects_match_kubernetes_and_kuberay_schemas(tools: Path, helm: str, values: Path) -> None:
+    objects = render(values=(values,), helm=helm)
+    assert {"ConfigMap"} <= kinds(objects)
+    assert validation_errors(objects) == []
+
+
+def test_helm3_and_helm4_render_the_same_objects(tools: Path) -> None:
+    for values in CI_VALUES:
+        without_secrets = [[o for o in render(values=(values,), helm=h) if o["kind"] != "Secret"] for h in HELMS]
+        assert without_secrets[0] == without_secrets[1], values.name
+
+
+def test_crd_validation_catches_a_misspelled_field(tools: Path) -> None:
+    rayjob = find(render(), "RayJob")
+    rayjob["spec"]["shutdownAfterJobFinish"] = rayjob["spec"].pop("shutdownAfterJobFinishes")
+    worker = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    worker["template"]["spec"]["containers"][0]["resource"] = {}
+    errors = validation_errors([rayjob])
+    assert any("shutdownAfterJobFinish'" in error for error in errors), errors
+    assert any("'resource'" in error for error in errors), errors
+
+
+# --- behaviour of individual templates -------------------------------------------------------------
+
+
+def test_renders_mlflow_postgresql_configmap_and_rayjob_by_default(tools: Path) -> None:
+    objects = render()
+    assert kinds(objects) == {
+        "Deployment", "Service", "PersistentVolumeClaim", "StatefulSet", "Secret", "ConfigMap", "RayJob", "Job"
+    }  # fmt: skip
+    assert not {"RayCronJob", "CronJob", "Role"} & kinds(objects)
+
+
+def test_mlflow_server_has_allowed_hosts_with_the_service_name(tools: Path) -> None:
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    args = mlflow_args(render())
+    assert args[:2] == ["mlflow", "server"]
+    allowed = option(args, "--allowed-hosts").split(",")
+    service = f"{RELEASE}-secvec-mlflow"
+    assert find(render(), "Service", service)["spec"]["ports"][0]["port"] == 5000
+    for host in (
+        f"{service}:5000",
+        f"{service}.{NAMESPACE}:5000",
+        f"{service}.{NAMESPACE}.svc:5000",
+        f"{service}.{NAMESPACE}.svc.cluster.local:5000",
+        f"{service}.{NAMESPACE}.svc.cluster.local",
+        "localhost:5000",
+    ):
+        assert is_allowed_host_header(allowed, host), host
+    assert not is_allowed_host_header(allowed, "attacker.example.com")
+
+
+def test_mlflow_server_serves_artifacts_from_the_pvc_and_probes_health(tools: Path) -> None:
+    objects = render()
+    args = mlflow_args(objects)
+    assert option(args, "--backend-store-uri") == "$(MLFLOW_BACKEND_STORE_URI)"
+    assert "--serve-artifacts" in args and option(args, "--artifacts-destination") == "/mlartifacts"
+    assert option(args, "--host") == "0.0.0.0" and option(args, "--port") == "5000"
+    pod = find(objects, "Deployment")["spec"]["template"]["spec"]
+    server = container(pod, "mlflow")
+    assert server["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert server["livenessProbe"]["httpGet"]["path"] == "/health"
+    claim = find(objects, "PersistentVolumeClaim")["metadata"]["name"]
+    assert {"name": "artifacts", "persistentVolumeClaim": {"claimName": claim}} in pod["volumes"]
+    assert server["image"].startswith("ghcr.io/mlflow/mlflow:v3.") and server["image"].endswith("-full")
+
+
+def test_mlflow_uses_the_bundled_postgresql_with_a_generated_password(tools: Path) -> None:
+    objects = render()
+    env = env_of(container(find(objects, "Deployment")["spec"]["template"]["spec"], "mlflow"))
+    secret = find(objects, "Secret", f"{RELEASE}-secvec-postgresql")
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": secret["metadata"]["name"],
+        "key": "password",
+    }
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"] == (
+        f"postgresql+psycopg2://mlflow:$(POSTGRES_PASSWORD)@{RELEASE}-secvec-postgresql:5432/mlflow"
+    )
+    statefulset = find(objects, "StatefulSet")
+    assert container(statefulset["spec"]["template"]["spec"], "postgresql")["image"].startswith("postgres:")
+
+
+def test_uses_the_external_database_secret_when_postgresql_enabled_is_false(tools: Path) -> None:
+    objects = render(values=(CHART / "ci" / "external-database-values.yaml",))
+    assert "StatefulSet" not in kinds(objects)
+    assert all("postgresql" not in o["metadata"]["name"] for o in objects)
+    for kind in ("Deployment", "Job"):
+        pod = find(objects, kind)["spec"]["template"]["spec"]
+        env = env_of(pod["containers"][0])
+        assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-database", "key": "uri"}
+        assert "POSTGRES_PASSWORD" not in env
+
+
+def test_external_database_without_secret_is_rejected(tools: Path) -> None:
+    result = _template("helm3", (), ("postgresql.enabled=false",))
+    assert result.returncode != 0 and "existingSecret" in result.stderr
+
+
+def test_s3_artifacts_use_the_bucket_and_credentials_from_the_existing_secret(tools: Path) -> None:
+    objects = render(values=(CHART / "ci" / "s3-artifacts-values.yaml",))
+    assert "PersistentVolumeClaim" not in kinds(objects)
+    args = mlflow_args(objects)
+    assert option(args, "--artifacts-destination") == "s3://secvec-artifacts/mlflow"
+    assert "mlflow.example.com" in option(args, "--allowed-hosts").split(",")
+    env = env_of(container(find(objects, "Deployment")["spec"]["template"]["spec"], "mlflow"))
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "minio-credentials"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "minio-credentials"
+    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://minio.storage.svc.cluster.local:9000"
+    assert find(objects, "Deployment")["spec"].get("strategy") is None  # rolling updates: no RWO volume
+
+
+def test_basic_auth_uses_credentials_from_the_existing_secret(tools: Path) -> None:
+    objects = render(values=(CHART / "ci" / "basic-auth-values.yaml",))
+    pod = find(objects, "Deployment")["spec"]["template"]["spec"]
+    args = container(pod, "mlflow")["command"]
+    assert option(args, "--app-name") == "basic-auth"
+    env = env_of(container(pod, "mlflow"))
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-admin", "key": "password"}
+    assert (
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-secvec-mlflow-flask"
+    )
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == "/auth/basic_auth.ini"
+    assert pod["initContainers"][0]["name"] == "auth-config"
+    for _, ray_pod in pod_specs(find(objects, "RayJob")):
+        ray_env = env_of(ray_pod["containers"][0])
+        assert ray_env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-admin"
+
+
+def test_basic_auth_init_script_writes_a_config_mlflow_reads(tools: Path, tmp_path: Path) -> None:
+    """The init container's ini, read the way mlflow.server.auth.config reads it (ConfigParser with
+    interpolation, so a URL-encoded password's `%` must come out intact)."""
+    import configparser
+
+    objects = render(values=(CHART / "ci" / "basic-auth-values.yaml",))
+    init = find(objects, "Deployment")["spec"]["template"]["spec"]["initContainers"][0]
+    script = init["command"][2].replace("/auth/", f"{tmp_path}/")
+    uri = "postgresql+psycopg2://mlflow:p%40ss@db:5432/mlflow"
+    environment = {"MLFLOW_BACKEND_STORE_URI": uri, "DEFAULT_PERMISSION": "NO_PERMISSIONS", "PATH": "/usr/bin:/bin"}
+    subprocess.run(["sh", "-ec", script], env=environment, check=True, timeout=30)
+    config = configparser.ConfigParser()
+    config.read(tmp_path / "basic_auth.ini")
+    assert config["mlflow"]["database_uri"] == uri
+    assert config["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    assert config["mlflow"]["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+
+
+def test_db_upgrade_job_is_a_pre_upgrade_hook(tools: Path) -> None:
+    job = find(render(), "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-upgrade"
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][:3] == ["mlflow", "db", "upgrade"]
+
+
+def test_pipeline_spec_is_rendered_into_the_configmap_mounted_at_config(tools: Path) -> None:
+    objects = render(values=(CHART / "ci" / "gpu-workers-values.yaml",))
+    configmap = find(objects, "ConfigMap")
+    spec = yaml.safe_load(configmap["data"]["pipeline.yaml"])
+    assert spec["name"] == "guarded-finetune" and spec["scaling"]["num_workers"] == 4
+    rayjob = find(objects, "RayJob")
+    assert rayjob["spec"]["entrypoint"] == "secvec run /config/pipeline.yaml"
+    for _, pod in pod_specs(rayjob):
+        mounts = pod["containers"][0]["volumeMounts"]
+        assert {"name": "pipeline-config", "mountPath": "/config", "readOnly": True} in mounts
+        assert {"name": "pipeline-config", "configMap": {"name": configmap["metadata"]["name"]}} in pod["volumes"]
+
+
+def test_rayjob_has_head_and_gpu_worker_group_and_lifecycle_settings(tools: Path) -> None:
+    rayjob = find(render(values=(CHART / "ci" / "gpu-workers-values.yaml",)), "RayJob")
+    spec = rayjob["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert (spec["ttlSecondsAfterFinished"], spec["activeDeadlineSeconds"], spec["backoffLimit"]) == (600, 172800, 1)
+    (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 4
+    worker = workers["template"]["spec"]
+    resources = worker["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 2
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert worker["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert worker["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["image"] == "registry.example.com/ml/secvec:0.1.0-cu128"
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
+    assert env_of(head)["NCCL_DEBUG"]["value"] == "WARN"
+
+
+def test_rayjob_tracks_to_the_chart_mlflow_service_or_an_external_uri(tools: Path) -> None:
+    for _, pod in pod_specs(find(render(), "RayJob")):
+        uri = env_of(pod["containers"][0])["MLFLOW_TRACKING_URI"]["value"]
+        assert uri == f"http://{RELEASE}-secvec-mlflow.{NAMESPACE}.svc.cluster.local:5000"
+    objects = render(values=(CHART / "ci" / "external-mlflow-values.yaml",))
+    assert not {"Deployment", "StatefulSet", "Job"} & kinds(objects)
+    for _, pod in pod_specs(find(objects, "RayJob")):
+        assert env_of(pod["containers"][0])["MLFLOW_TRACKING_URI"]["value"] == "https://mlflow.example.com"
+
+
+def test_renders_a_raycronjob_when_schedule_kind_is_raycronjob(tools: Path) -> None:
+    objects = render(values=(CHART / "ci" / "schedule-raycronjob-values.yaml",))
+    cron = find(objects, "RayCronJob")
+    assert cron["apiVersion"] == "ray.io/v1"
+    assert cron["spec"]["schedule"] == "0 3 * * 0" and cron["spec"]["timeZone"] == "Europe/Berlin"
+    assert cron["spec"]["jobTemplate"]["entrypoint"] == "secvec run /config/pipeline.yaml"
+    assert len(cron["metadata"]["name"]) <= kube.MAX_RAYCRONJOB_NAME_LENGTH
+    assert not {"RayJob", "CronJob", "Role"} & kinds(objects)  # runOnInstall: false
+
+
+def test_renders_cronjob_and_role_limited_to_rayjobs_when_schedule_kind_is_cronjob(tools: Path) -> None:
+    objects = render(values=(CHART / "ci" / "schedule-cronjob-values.yaml",))
+    assert "RayCronJob" not in kinds(objects)
+    role = find(objects, "Role")
+    assert role["rules"] == [
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list", "watch"]}
+    ]
+    binding = find(objects, "RoleBinding")
+    account = find(objects, "ServiceAccount")["metadata"]["name"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    cronjob = find(objects, "CronJob")
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert cronjob["spec"]["schedule"] == "30 1 * * *" and pod["serviceAccountName"] == account
+    command = pod["containers"][0]["command"]
+    assert command[:5] == ["secvec", "submit", "/config/pipeline.yaml", "--in-cluster", "--namespace"]
+    assert (
+        pod["containers"][0]["image"]
+        == find(objects, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+            "image"
+        ]
+    )
+
+
+def test_cronjob_template_makes_a_valid_rayjob_through_secvec_submit(tools: Path) -> None:
+    """What the CronJob's `secvec submit --template` would create, checked against the RayJob CRD."""
+    objects = render(values=(CHART / "ci" / "schedule-cronjob-values.yaml",))
+    data = find(objects, "ConfigMap")["data"]
+    template = yaml.safe_load(data["rayjob-template.yaml"])
+    rayjob = kube.render_rayjob(data["pipeline.yaml"], namespace=NAMESPACE, template=template)
+    assert validation_errors([rayjob]) == []
+    assert rayjob["metadata"]["name"].startswith("secvec-pipeline-")
+    assert rayjob["spec"]["rayClusterSpec"] == find(objects, "RayJob")["spec"]["rayClusterSpec"]
+
+
+def test_pods_run_as_non_root(tools: Path) -> None:
+    checked = 0
+    for values in CI_VALUES:
+        for obj in render(values=(values,)):
+            for where, pod in pod_specs(obj):
+                assert pod["securityContext"]["runAsNonRoot"] is True, f"{values.name}: {where}"
+                for item in pod["containers"] + pod.get("initContainers", []):
+                    assert item["securityContext"]["allowPrivilegeEscalation"] is False, f"{where} {item['name']}"
+                    assert item["resources"]["requests"], f"{values.name}: {where} {item['name']} has no requests"
+                checked += 1
+    assert checked >= 20
+
+
+def test_values_schema_forbids_running_as_root(tools: Path) -> None:
+    result = _template("helm3", (), ("rayJob.podSecurityContext.runAsNonRoot=false",))
+    assert result.returncode != 0 and "runAsNonRoot" in result.stderr
+
+
+def test_no_secret_data_in_plain_values(tools: Path) -> None:
+    sensitive = ("password", "token", "secretkey", "accesskey", "credential")
+    reference_suffixes = ("key", "secret", "existingsecret", "usernamekey", "passwordkey")
+
+    def literal_secrets(node: Any, path: str = "") -> list[str]:
+        found = []
+        if isinstance(node, dict):
+            for key, value in node.items():
+                lowered = key.lower()
+                is_reference = lowered.endswith(reference_suffixes)
+                if any(word in lowered for word in sensitive) and not is_reference and value not in ("", None):
+                    found.append(f"{path}.{key}")
+                found += literal_secrets(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                found += literal_secrets(item, f"{path}[{index}]")
+        return found
+
+    for path in [CHART / "values.yaml", *CI_VALUES]:
+        assert literal_secrets(yaml.safe_load(path.read_text()) or {}) == [], path.name
+    for values in CI_VALUES:
+        objects = render(values=(values,))
+        for obj in objects:
+            for where, pod in pod_specs(obj):
+                for item in pod["containers"] + pod.get("initContainers", []):
+                    for env in item.get("env", []):
+                        if any(word in env["name"].lower() for word in ("password", "secret", "token", "access_key")):
+                            assert "value" not in env, f"{values.name}: {where} {env['name']} is a literal"
+        secrets = [o for o in objects if o["kind"] == "Secret"]
+        assert {s["metadata"]["name"] for s in secrets} <= {
+            f"{RELEASE}-secvec-postgresql", f"{RELEASE}-secvec-mlflow-flask"
+        }  # fmt: skip
+    # The only Secret data the chart writes is random (randAlphaNum), never taken from values.
+    first = find(render("postgresql.auth.username=first"), "Secret")["data"]["password"]
+    second = find(render("postgresql.auth.username=second"), "Secret")["data"]["password"]
+    assert first != second
+
+
+@pytest.mark.parametrize("helm", HELMS)
+@pytest.mark.parametrize(
+    "bad_value",
+    ["unknownKey=1", "mlflow.artifacts.type=gcs", "schedule.kind=Airflow", "rayJob.gpuWorkers.replicas=-1"],
+)
+def test_values_schema_rejects_unknown_key(tools: Path, helm: str, bad_value: str) -> None:
+    result = _template(helm, (), (bad_value,))
+    assert result.returncode != 0
+    assert "schema" in result.stderr.lower() or "values don't meet" in result.stderr.lower(), result.stderr
+
+
+def test_every_value_has_a_helm_docs_comment() -> None:
+    """helm-docs: `# --` documents the key below it and its whole subtree; plain sections need none."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    documented_ancestors: list[tuple[int, bool]] = []  # (indent, documented) of open mapping sections
+    undocumented = []
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "-")):
+            continue
+        indent = len(line) - len(line.lstrip())
+        while documented_ancestors and documented_ancestors[-1][0] >= indent:
+            documented_ancestors.pop()
+        comment = index - 1
+        while comment >= 0 and lines[comment].strip().startswith("#") and "# --" not in lines[comment]:
+            comment -= 1
+        has_doc = comment >= 0 and lines[comment].strip().startswith("# --") and comment < index
+        covered = has_doc or any(documented for _, documented in documented_ancestors)
+        key, _, rest = stripped.partition(":")
+        following = next((n for n in lines[index + 1 :] if n.strip() and not n.strip().startswith("#")), "")
+        is_section = not rest.strip() and not following.strip().startswith("-")
+        if is_section:
+            documented_ancestors.append((indent, covered))
+        elif not covered:
+            undocumented.append(f"line {index + 1}: {key}")
+    assert undocumented == []
+
+
+def test_crd_schemas_are_read_from_shared_not_copied_into_the_repo() -> None:
+    assert crd_validator("RayJob")
+    copies = [p for p in REPO_ROOT.rglob("ray.io_*.yaml") if ".venv" not in p.parts]
+    assert copies == []

@@ -1,0 +1,433 @@
+"""workflows/kube.py and `secvec render` / `secvec submit` against a fake Kubernetes API server.
+
+The fake server (http.server on 127.0.0.1, random port) answers the two calls the client makes:
+``POST /apis/ray.io/v1/namespaces/<ns>/rayjobs`` (body checked against the KubeRay RayJob CRD) and
+``GET .../rayjobs/<name>``, whose status follows a scripted sequence. The kubernetes client reaches
+it through a generated kubeconfig, exactly as it would reach a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+try:
+    from tests.conftest_kube import REPO_ROOT, validation_errors
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from conftest_kube import REPO_ROOT, validation_errors
+
+from workflows import cli_kube, kube
+
+NAMESPACE = "ml-team"
+SPEC = """\
+name: Guarded Finetune
+scaling:
+  num_workers: 3
+  use_gpu: true
+  resources_per_worker: {CPU: 6, GPU: 2}
+stages: [vector, finetune]
+"""
+RUNNING = {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"}
+SUCCEEDED = {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}
+FAILED = {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "reason": "AppFailed", "message": "exit 1"}
+
+
+class FakeApiServer:
+    """Plays the Kubernetes API server for RayJob create/get; records every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.created: dict[str, dict[str, Any]] = {}
+        self.statuses: list[dict[str, Any]] = [{}]
+        self.post_error: tuple[int, dict[str, Any]] | None = None
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, code: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:  # noqa: N802
+                # kubernetes 37 sends no Content-Type here: read the body by length alone.
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                server.requests.append(
+                    {
+                        "method": "POST",
+                        "path": self.path,
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                        "body": body,
+                    }
+                )
+                if server.post_error:
+                    code, status = server.post_error
+                    return self._reply(
+                        code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, **status}
+                    )
+                name = body["metadata"]["name"]
+                created = {**body, "metadata": {**body["metadata"], "uid": "u-1", "resourceVersion": "1"}}
+                server.created[name] = created
+                self._reply(201, created)
+
+            def do_GET(self) -> None:  # noqa: N802
+                server.requests.append({"method": "GET", "path": self.path})
+                prefix = f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs/"
+                name = self.path.removeprefix(prefix)
+                if not self.path.startswith(prefix) or name not in server.created:
+                    return self._reply(
+                        404, {"kind": "Status", "code": 404, "reason": "NotFound", "message": "not found"}
+                    )
+                status = server.statuses.pop(0) if len(server.statuses) > 1 else server.statuses[0]
+                self._reply(200, {**server.created[name], "status": status})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> FakeApiServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def write_kubeconfig(path: Path, port: int) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                "users": [{"name": "tester", "user": {"token": "test-token"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "tester"}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def api_server() -> Iterator[FakeApiServer]:
+    with FakeApiServer() as server:
+        yield server
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(SPEC)
+    return path
+
+
+@pytest.fixture
+def kubeconfig(tmp_path: Path, api_server: FakeApiServer) -> Path:
+    return write_kubeconfig(tmp_path / "kubeconfig", api_server.port)
+
+
+@pytest.fixture
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    cli_kube.register(app)
+    return app
+
+
+def submit(cli: typer.Typer, spec: Path, kubeconfig: Path, *extra: str) -> Any:
+    args = ["submit", str(spec), "--namespace", NAMESPACE, "--kubeconfig", str(kubeconfig), "--image", "reg/secvec:1"]
+    return CliRunner().invoke(cli, [*args, *extra])
+
+
+# --- render ---------------------------------------------------------------------------------------
+
+
+def test_render_rayjob_is_valid_and_runs_the_spec_from_config() -> None:
+    rayjob = kube.render_rayjob(
+        SPEC, name="gf-1", namespace=NAMESPACE, image="reg/secvec:1", mlflow_tracking_uri="http://mlflow:5000"
+    )
+    assert validation_errors([rayjob]) == []
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    spec = rayjob["spec"]
+    assert spec["entrypoint"] == "secvec run /config/pipeline.yaml"
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 600
+    (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == group["maxReplicas"] == 3
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 2
+    assert resources["requests"]["cpu"] == "6"
+    for template in [spec["rayClusterSpec"]["headGroupSpec"]["template"], group["template"]]:
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        ray = pod["containers"][0]
+        assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in ray["env"]
+        assert {"name": "secvec-pipeline", "mountPath": "/config", "readOnly": True} in ray["volumeMounts"]
+        (init,) = pod["initContainers"]
+        assert init["env"] == [{"name": "SECVEC_PIPELINE_YAML", "value": SPEC}]
+
+
+def test_inline_pipeline_delivery_writes_the_exact_spec(tmp_path: Path) -> None:
+    """Run the init container's command with /config pointed at a temporary directory."""
+    rayjob = kube.render_rayjob(SPEC + "note: '100% \\\\ $HOME `x`'\n", name="gf-1")
+    init = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["initContainers"][0]
+    command = [part.replace("/config/", f"{tmp_path}/") for part in init["command"]]
+    env = {item["name"]: item["value"] for item in init["env"]}
+    subprocess.run(command, env={**env, "PATH": "/usr/bin:/bin"}, check=True, timeout=30)
+    assert (tmp_path / "pipeline.yaml").read_text() == env["SECVEC_PIPELINE_YAML"]
+
+
+def test_explicit_sizing_overrides_the_spec_and_defaults_apply_without_scaling() -> None:
+    rayjob = kube.render_rayjob(SPEC, name="a", gpus_per_worker=0, num_workers=1)
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert (
+        group["replicas"] == 1
+        and "nvidia.com/gpu" not in group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    )
+    plain = kube.render_rayjob("name: x\n", name="b")
+    (group,) = plain["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert (
+        group["replicas"] == 1
+        and group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    )
+    assert validation_errors([rayjob, plain]) == []
+
+
+def test_default_names_are_dns_labels_within_kuberay_limits() -> None:
+    name = kube.render_rayjob("name: 'Ünïcode Pipeline_v2 with a very very long descriptive name'\n")["metadata"][
+        "name"
+    ]
+    assert len(name) <= kube.MAX_RAYJOB_NAME_LENGTH and kube.dns_label(name) == name
+    assert name.startswith("code-pipeline-v2-with") or name[0].isalpha()
+    assert kube.default_rayjob_name({}).startswith("secvec-")
+    with pytest.raises(ValueError, match="DNS-1035"):
+        kube.render_rayjob("name: x\n", name="Bad_Name")
+
+
+def test_render_raycronjob_is_valid() -> None:
+    cron = kube.render_raycronjob(SPEC, schedule="0 3 * * 0", time_zone="UTC", namespace=NAMESPACE, image="i:1")
+    assert validation_errors([cron]) == []
+    assert cron["kind"] == "RayCronJob" and cron["spec"]["schedule"] == "0 3 * * 0"
+    assert cron["spec"]["jobTemplate"]["entrypoint"] == "secvec run /config/pipeline.yaml"
+    assert cron["metadata"]["name"] == "guarded-finetune"
+
+
+def test_spec_must_be_a_mapping() -> None:
+    for text in ("- a\n- b\n", "just text", "", "a: [unclosed"):
+        with pytest.raises(kube.PipelineSpecError):
+            kube.render_rayjob(text, name="x")
+
+
+def test_render_cli_prints_yaml_and_writes_files(cli: typer.Typer, spec_file: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["render", str(spec_file), "-n", NAMESPACE, "--image", "reg/secvec:1"])
+    assert result.exit_code == 0, result.output
+    rayjob = yaml.safe_load(result.stdout)
+    assert rayjob["metadata"]["namespace"] == NAMESPACE and validation_errors([rayjob]) == []
+    out = tmp_path / "cron.yaml"
+    result = CliRunner().invoke(cli, ["render", str(spec_file), "--schedule", "*/30 * * * *", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    cron = yaml.safe_load(out.read_text())
+    assert cron["kind"] == "RayCronJob" and validation_errors([cron]) == []
+
+
+def test_render_cli_node_selector_and_tolerations(cli: typer.Typer, spec_file: Path) -> None:
+    args = [
+        "render",
+        str(spec_file),
+        "--worker-node-selector",
+        "pool=gpu",
+        "--worker-toleration",
+        "nvidia.com/gpu:NoSchedule",
+    ]
+    args += ["--worker-toleration", "dedicated=ml:NoExecute"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    worker = yaml.safe_load(result.stdout)["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert worker["nodeSelector"] == {"pool": "gpu"}
+    assert worker["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("- not\n- a mapping\n", "must be a YAML mapping"), ("a: [", "not valid YAML"), (None, "cannot read")],
+)
+def test_cli_rejects_bad_specs_with_one_line(
+    cli: typer.Typer, tmp_path: Path, content: str | None, message: str
+) -> None:
+    path = tmp_path / "spec.yaml"
+    if content is not None:
+        path.write_text(content)
+    result = CliRunner().invoke(cli, ["render", str(path)])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_render_through_the_secvec_entry_point(spec_file: Path) -> None:
+    entry_point = Path(sys.executable).parent / "secvec"
+    command = [str(entry_point)] if entry_point.exists() else [sys.executable, "-m", "workflows.cli"]
+    result = subprocess.run(
+        [*command, "render", str(spec_file), "--name", "gf-7"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["metadata"]["name"] == "gf-7"
+
+
+# --- submit and wait ------------------------------------------------------------------------------
+
+
+def test_submit_posts_a_valid_rayjob_and_prints_its_name(
+    cli: typer.Typer, spec_file: Path, kubeconfig: Path, api_server: FakeApiServer
+) -> None:
+    result = submit(cli, spec_file, kubeconfig, "--name", "gf-42", "--mlflow-tracking-uri", "http://mlflow:5000")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "gf-42"
+    (request,) = api_server.requests
+    assert request["method"] == "POST"
+    assert request["path"] == f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs"
+    assert request["headers"].get("authorization") == "Bearer test-token"
+    body = request["body"]
+    assert body["metadata"] == {**body["metadata"], "name": "gf-42", "namespace": NAMESPACE}
+    assert validation_errors([body]) == []
+    assert (
+        body["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "reg/secvec:1"
+    )
+
+
+def test_submit_wait_follows_status_to_succeeded(
+    cli: typer.Typer, spec_file: Path, kubeconfig: Path, api_server: FakeApiServer
+) -> None:
+    api_server.statuses = [{}, {"jobDeploymentStatus": "Initializing"}, RUNNING, RUNNING, SUCCEEDED]
+    result = submit(cli, spec_file, kubeconfig, "--wait", "--poll-interval", "0.01")
+    assert result.exit_code == 0, result.output
+    name = result.stdout.strip().splitlines()[0]
+    assert name.startswith("guarded-finetune-")
+    gets = [r for r in api_server.requests if r["method"] == "GET"]
+    assert len(gets) == 5 and gets[0]["path"] == f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs/{name}"
+    assert "Running / RUNNING" in result.output and "Complete / SUCCEEDED" in result.output
+    assert "succeeded" in result.output
+
+
+def test_submit_wait_exits_non_zero_when_the_job_fails(
+    cli: typer.Typer, spec_file: Path, kubeconfig: Path, api_server: FakeApiServer
+) -> None:
+    api_server.statuses = [RUNNING, FAILED]
+    result = submit(cli, spec_file, kubeconfig, "--wait", "--poll-interval", "0.01")
+    assert result.exit_code == 1
+    assert "did not succeed: Failed / FAILED (AppFailed)" in result.output
+
+
+def test_submit_wait_times_out(cli: typer.Typer, spec_file: Path, kubeconfig: Path, api_server: FakeApiServer) -> None:
+    api_server.statuses = [RUNNING]
+    result = submit(cli, spec_file, kubeconfig, "--wait", "--poll-interval", "0.05", "--timeout", "1")
+    assert result.exit_code == 1 and "still Running / RUNNING after 1 s" in result.output
+
+
+def test_retrying_is_not_final_until_kuberay_says_so(kubeconfig: Path, api_server: FakeApiServer) -> None:
+    api_client = kube.load_api_client(kubeconfig=str(kubeconfig))
+    kube.submit_rayjob(kube.render_rayjob(SPEC, name="r-1"), namespace=NAMESPACE, api_client=api_client)
+    api_server.statuses = [
+        {"jobStatus": "FAILED", "jobDeploymentStatus": "Retrying"},
+        RUNNING,
+        SUCCEEDED,
+    ]
+    seen: list[kube.RayJobStatus] = []
+    final = kube.wait_for_rayjob("r-1", NAMESPACE, timeout_s=10, poll_s=0.01, api=api_client, on_status=seen.append)
+    assert final.succeeded and [s.deployment_status for s in seen] == ["Retrying", "Running", "Complete"]
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "message"),
+    [
+        (
+            403,
+            {"reason": "Forbidden", "message": 'rayjobs.ray.io is forbidden: User "x" cannot create'},
+            "forbidden (403)",
+        ),
+        (
+            404,
+            {"reason": "NotFound", "message": "the server could not find the requested resource"},
+            "KubeRay operator installed",
+        ),
+        (
+            404,
+            {
+                "reason": "NotFound",
+                "message": 'namespaces "ml-team" not found',
+                "details": {"name": "ml-team", "kind": "namespaces"},
+            },
+            "namespace 'ml-team' not found",
+        ),
+        (401, {"reason": "Unauthorized", "message": "Unauthorized"}, "unauthorized (401)"),
+    ],
+)
+def test_submit_reports_api_errors_in_one_line(
+    cli: typer.Typer,
+    spec_file: Path,
+    kubeconfig: Path,
+    api_server: FakeApiServer,
+    code: int,
+    status: dict,
+    message: str,
+) -> None:
+    api_server.post_error = (code, status)
+    result = submit(cli, spec_file, kubeconfig)
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_submit_reports_an_unreachable_cluster(cli: typer.Typer, spec_file: Path, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_kubeconfig(tmp_path / "closed", port)
+    result = submit(cli, spec_file, config)
+    assert result.exit_code == 1
+    assert f"cannot reach the Kubernetes API server at http://127.0.0.1:{port}" in result.output
+
+
+def test_submit_reports_a_missing_kubeconfig(cli: typer.Typer, spec_file: Path, tmp_path: Path) -> None:
+    result = submit(cli, spec_file, tmp_path / "absent")
+    assert result.exit_code == 1 and "cannot load Kubernetes credentials" in result.output
+
+
+def test_submit_with_a_template_keeps_its_cluster(
+    cli: typer.Typer, spec_file: Path, kubeconfig: Path, api_server: FakeApiServer, tmp_path: Path
+) -> None:
+    template = kube.render_rayjob("name: t\n", name="t", gpus_per_worker=4, num_workers=2)
+    template_file = tmp_path / "template.yaml"
+    template_file.write_text(kube.to_yaml(template))
+    result = submit(cli, spec_file, kubeconfig, "--template", str(template_file))
+    assert result.exit_code == 0, result.output
+    body = api_server.requests[0]["body"]
+    (group,) = body["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == 2 and validation_errors([body]) == []
+    init = body["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["initContainers"]
+    assert len(init) == 1 and init[0]["env"][0]["value"] == SPEC  # the new spec, not the template's
+    refused = submit(cli, spec_file, kubeconfig, "--template", str(template_file), "--num-workers", "3")
+    assert refused.exit_code == 1 and "drop the sizing options" in refused.output
