@@ -87,19 +87,23 @@ def _print_evaluations(result) -> list[dict]:
     rows = evaluation_rows(result)
     if not rows:
         return rows
-    table = Table(title="evaluation (vector off, as shipped)")
-    for col in ("candidate stage", "harmful before", "harmful after", "task accuracy", "transfer gap",
-                "benign refusal", "gate"):
-        table.add_column(col)
+    table = Table(title="Evaluation, vector off (as shipped)")
+    for col in ("model", "harmful", "task acc", "gap", "benign refused", "gate"):
+        table.add_column(col, no_wrap=col != "model")
 
     def f(x):
         return "-" if x is None else f"{x:.2f}"
 
+    table.add_row("before fine-tuning", f(rows[0]["base_harmful_rate"]), "-", "-", "-", "")
     for r in rows:
-        gate = "[green]champion[/]" if r["gate"] == "passed" else f"[yellow]held[/]: {r['reason']}"
-        table.add_row(r["stage"], f(r["base_harmful_rate"]), f(r["harmful_rate"]), f(r["task_accuracy"]),
+        gate = "[green]champion[/]" if r["gate"] == "passed" else "[yellow]held[/]"
+        table.add_row(r["candidate"].split("/")[-2].split(".")[-1], f(r["harmful_rate"]), f(r["task_accuracy"]),
                       f(r["transfer_gap"]), f(r["benign_refusal_rate"]), gate)
     console.print(table)
+    for r in rows:
+        if r["gate"] != "passed":
+            console.print(f"  {r['stage']}: held back: {r['reason']}", highlight=False)
+    console.print("  gap = task accuracy with the vector on minus off (0 means the task carries over).")
     return rows
 
 

@@ -71,7 +71,8 @@ def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
-                 runtime_env={"env_vars": env}, _temp_dir=temp_dir, configure_logging=False, log_to_driver=True)
+                 runtime_env={"env_vars": env}, _temp_dir=temp_dir, configure_logging=False,
+                 log_to_driver=bool(os.environ.get("SECVEC_VERBOSE")))
 
 
 def stage_hash(stage_dict: dict, inputs: dict) -> str:
@@ -114,7 +115,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
                       {"secvec.pipeline": spec.name, "secvec.kind": "pipeline"})
     parent.log_params({"pipeline": spec.model_dump(mode="json", exclude={"stages"})})
     result = PipelineResult(spec=spec, parent_run_id=parent.run_id, tracking_uri=tracking_uri)
-    init_ray(num_cpus, str(work_dir / "ray-tmp") if not os.environ.get("RAY_ADDRESS") else None)
+    init_ray(num_cpus, os.environ.get("SECVEC_RAY_TEMP_DIR"))  # Ray's unix sockets need a short path
     status = "FAILED"
     try:
         for stage in spec.stages:

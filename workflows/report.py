@@ -40,8 +40,11 @@ def write_chart(rows: list[dict], path: str | Path) -> Path:
            color="#c0392b")
     ax.bar([x + 0.2 for x in xs], [a or 0 for a in accuracy], width=0.4, label="task accuracy (vector off)",
            color="#2980b9")
+    for x, h, a in zip(xs, harmful, accuracy, strict=True):
+        ax.text(x - 0.2, (h or 0) + 0.02, f"{h:.2f}" if h is not None else "", ha="center", fontsize=8)
+        ax.text(x + 0.2, (a or 0) + 0.02, f"{a:.2f}" if a is not None else "", ha="center", fontsize=8)
     ax.set_xticks(list(xs), labels, fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.12)
     ax.set_ylabel("rate")
     ax.set_title("secvec: harmful rate and task accuracy")
     ax.legend(fontsize=8, loc="upper left")
