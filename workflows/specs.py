@@ -6,6 +6,7 @@ Export the JSON Schema with ``secvec schema``; check a file with ``secvec valida
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -169,7 +170,9 @@ class ScalingSpec(Strict):
 
 
 class TrackingSpec(Strict):
-    tracking_uri: str = Field("sqlite:///.secvec/mlflow.db", description="MLflow tracking URI.")
+    tracking_uri: str = Field(
+        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///.secvec/mlflow.db"),
+        description="MLflow tracking URI; defaults to $MLFLOW_TRACKING_URI (set by the Helm chart), else local SQLite.")
     artifact_location: str | None = Field(None, description="Artifact root for a new experiment (local default).")
     experiment: str = "secvec"
     base_name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
