@@ -38,6 +38,9 @@ from workflows import kube
 pytestmark = pytest.mark.slow
 
 CHART = REPO_ROOT / "charts" / "secvec"
+OPERATOR_CHART = CHART / "charts" / "kuberay-operator"
+EXAMPLE_SPEC = REPO_ROOT / "workflows" / "examples" / "cluster-smollm2.yaml"
+CRDS_COMMAND = 'kubectl apply --server-side -k "github.com/ray-project/kuberay/ray-operator/config/crd?ref=v1.7.0"'
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 RELEASE, NAMESPACE = "demo", "ml"
 
@@ -54,17 +57,23 @@ def _helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @functools.cache
-def _template(helm: str, values: tuple[str, ...] = (), sets: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def _template(
+    helm: str, values: tuple[str, ...] = (), sets: tuple[str, ...] = (), set_files: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
     for path in values:
         args += ["-f", path]
     for item in sets:
         args += ["--set", item]
+    for item in set_files:
+        args += ["--set-file", item]
     return _helm(helm, *args)
 
 
-def render(*sets: str, values: tuple[str, ...] = (), helm: str = "helm3") -> list[dict[str, Any]]:
-    result = _template(helm, tuple(str(v) for v in values), sets)
+def render(
+    *sets: str, values: tuple[str | Path, ...] = (), set_files: tuple[str, ...] = (), helm: str = "helm3"
+) -> list[dict[str, Any]]:
+    result = _template(helm, tuple(str(v) for v in values), sets, set_files)
     assert result.returncode == 0, result.stderr
     return load_documents(result.stdout)
 
@@ -102,7 +111,7 @@ def option(args: list[str], name: str) -> str:
 def test_ci_values_cover_the_documented_cases() -> None:
     names = {path.name.removesuffix("-values.yaml") for path in CI_VALUES}
     expected = {"default", "external-database", "s3-artifacts", "schedule-raycronjob", "schedule-cronjob"}
-    assert expected | {"basic-auth", "gpu-workers"} <= names
+    assert expected | {"basic-auth", "gpu-workers", "with-operator"} <= names
 
 
 @pytest.mark.parametrize("helm", HELMS)
@@ -354,7 +363,7 @@ def test_cronjob_template_makes_a_valid_rayjob_through_secvec_submit(tools: Path
     template = yaml.safe_load(data["rayjob-template.yaml"])
     rayjob = kube.render_rayjob(data["pipeline.yaml"], namespace=NAMESPACE, template=template)
     assert validation_errors([rayjob]) == []
-    assert rayjob["metadata"]["name"].startswith("secvec-pipeline-")
+    assert rayjob["metadata"]["name"].startswith(yaml.safe_load(data["pipeline.yaml"])["name"] + "-")
     assert rayjob["spec"]["rayClusterSpec"] == find(objects, "RayJob")["spec"]["rayClusterSpec"]
 
 
@@ -394,7 +403,7 @@ def test_no_secret_data_in_plain_values(tools: Path) -> None:
                 found += literal_secrets(item, f"{path}[{index}]")
         return found
 
-    for path in [CHART / "values.yaml", *CI_VALUES]:
+    for path in [CHART / "values.yaml", OPERATOR_CHART / "values.yaml", *CI_VALUES]:
         assert literal_secrets(yaml.safe_load(path.read_text()) or {}) == [], path.name
     for values in CI_VALUES:
         objects = render(values=(values,))
@@ -417,7 +426,14 @@ def test_no_secret_data_in_plain_values(tools: Path) -> None:
 @pytest.mark.parametrize("helm", HELMS)
 @pytest.mark.parametrize(
     "bad_value",
-    ["unknownKey=1", "mlflow.artifacts.type=gcs", "schedule.kind=Airflow", "rayJob.gpuWorkers.replicas=-1"],
+    [
+        "unknownKey=1",
+        "mlflow.artifacts.type=gcs",
+        "schedule.kind=Airflow",
+        "rayJob.gpuWorkers.replicas=-1",
+        "pipeline.dataVolume.claim=data",
+        "kuberay-operator.enabled=true,kuberay-operator.imageTag=v1.7.0",
+    ],
 )
 def test_values_schema_rejects_unknown_key(tools: Path, helm: str, bad_value: str) -> None:
     result = _template(helm, (), (bad_value,))
@@ -425,9 +441,12 @@ def test_values_schema_rejects_unknown_key(tools: Path, helm: str, bad_value: st
     assert "schema" in result.stderr.lower() or "values don't meet" in result.stderr.lower(), result.stderr
 
 
-def test_every_value_has_a_helm_docs_comment() -> None:
+@pytest.mark.parametrize(
+    "values_file", [CHART / "values.yaml", OPERATOR_CHART / "values.yaml"], ids=["secvec", "operator"]
+)
+def test_every_value_has_a_helm_docs_comment(values_file: Path) -> None:
     """helm-docs: `# --` documents the key below it and its whole subtree; plain sections need none."""
-    lines = (CHART / "values.yaml").read_text().splitlines()
+    lines = values_file.read_text().splitlines()
     documented_ancestors: list[tuple[int, bool]] = []  # (indent, documented) of open mapping sections
     undocumented = []
     for index, line in enumerate(lines):
@@ -456,3 +475,186 @@ def test_crd_schemas_are_read_from_shared_not_copied_into_the_repo() -> None:
     assert crd_validator("RayJob")
     copies = [p for p in REPO_ROOT.rglob("ray.io_*.yaml") if ".venv" not in p.parts]
     assert copies == []
+
+
+# --- the default pipeline spec and its data volume ---------------------------------------------------
+
+
+def test_default_pipeline_spec_is_the_cluster_smollm2_example() -> None:
+    """values.yaml's pipeline.spec and workflows/examples/cluster-smollm2.yaml never drift apart."""
+    default = yaml.safe_load((CHART / "values.yaml").read_text())["pipeline"]["spec"]
+    assert default == yaml.safe_load(EXAMPLE_SPEC.read_text())
+
+
+def test_configmap_holds_the_default_spec_and_the_rayjob_has_the_workers_it_asks_for(tools: Path) -> None:
+    example = yaml.safe_load(EXAMPLE_SPEC.read_text())
+    objects = render()
+    assert yaml.safe_load(find(objects, "ConfigMap")["data"]["pipeline.yaml"]) == example
+    scaling = example["scaling"]
+    (group,) = find(objects, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == scaling["num_workers"] and scaling["use_gpu"] is True
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == scaling["resources_per_worker"]["GPU"]
+    assert float(resources["requests"]["cpu"]) >= scaling["resources_per_worker"]["CPU"]
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_set_file_spec_replaces_the_default_spec_whole(tools: Path, helm: str) -> None:
+    demo = REPO_ROOT / "workflows" / "examples" / "demo.yaml"
+    objects = render(set_files=(f"pipeline.spec={demo}",), helm=helm)
+    text = find(objects, "ConfigMap")["data"]["pipeline.yaml"]
+    assert text.strip() == demo.read_text().strip()  # the file as written, comments included
+    assert validation_errors(objects) == []
+
+
+def _data_mounts(pod: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    mounts = [m for c in pod["containers"] for m in c["volumeMounts"] if m["name"] == "pipeline-data"]
+    return mounts, [v for v in pod["volumes"] if v["name"] == "pipeline-data"]
+
+
+def test_data_volume_is_mounted_at_data_on_every_ray_pod_when_claim_name_is_set(tools: Path) -> None:
+    objects = render("pipeline.dataVolume.claimName=secvec-data", "schedule.enabled=true", "schedule.kind=CronJob")
+    template = yaml.safe_load(find(objects, "ConfigMap")["data"]["rayjob-template.yaml"])
+    raycronjob = find(render(values=(CHART / "ci" / "with-operator-values.yaml",)), "RayCronJob")
+    checked = 0
+    for rayjob in (find(objects, "RayJob"), template, raycronjob):  # one-off, CronJob and RayCronJob runs
+        for where, pod in pod_specs(rayjob):
+            mounts, volumes = _data_mounts(pod)
+            assert mounts == [{"name": "pipeline-data", "mountPath": "/data"}], where
+            assert volumes == [{"name": "pipeline-data", "persistentVolumeClaim": {"claimName": "secvec-data"}}]
+            checked += 1
+    assert checked == 6
+    read_only = find(render("pipeline.dataVolume.claimName=data", "pipeline.dataVolume.readOnly=true"), "RayJob")
+    for _, pod in pod_specs(read_only):
+        mounts, volumes = _data_mounts(pod)
+        assert mounts[0]["readOnly"] is True and volumes[0]["persistentVolumeClaim"]["readOnly"] is True
+
+
+def test_no_data_volume_without_claim_name(tools: Path) -> None:
+    for _, pod in pod_specs(find(render(), "RayJob")):
+        assert _data_mounts(pod) == ([], [])
+
+
+# --- the optional KubeRay operator (subchart charts/kuberay-operator) ---------------------------------
+
+OPERATOR = f"{RELEASE}-kuberay-operator"
+WITH_OPERATOR = CHART / "ci" / "with-operator-values.yaml"
+ALL_VERBS = ("get", "list", "watch", "create", "update", "patch", "delete")
+
+
+def operator_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if o["metadata"]["labels"].get("app.kubernetes.io/component") == "kuberay-operator"]
+
+
+def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return container(find(objects, "Deployment", OPERATOR)["spec"]["template"]["spec"], "kuberay-operator")
+
+
+def test_renders_no_operator_objects_by_default(tools: Path) -> None:
+    for values in CI_VALUES:
+        if values != WITH_OPERATOR:
+            objects = render(values=(values,))
+            assert operator_objects(objects) == [], values.name
+            assert not {"ClusterRole", "ClusterRoleBinding"} & kinds(objects), values.name
+            images = [c["image"] for o in objects for _, pod in pod_specs(o) for c in pod["containers"]]
+            assert not [image for image in images if "kuberay" in image], values.name
+
+
+def test_renders_the_operator_deployment_service_account_and_rbac_when_kuberay_operator_enabled_is_true(
+    tools: Path,
+) -> None:
+    objects = render(values=(WITH_OPERATOR,))
+    operator_kinds = sorted(o["kind"] for o in operator_objects(objects))
+    expected = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "ServiceAccount"]
+    assert operator_kinds == expected
+    pod = find(objects, "Deployment", OPERATOR)["spec"]["template"]["spec"]
+    operator = operator_container(objects)
+    assert operator["image"] == "quay.io/kuberay/operator:v1.7.0"
+    assert {"--feature-gates=RayCronJob=true", "--watch-namespace=ml", "--enable-leader-election=true"} <= set(
+        operator["args"]
+    )
+    assert pod["serviceAccountName"] == find(objects, "ServiceAccount", OPERATOR)["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["tolerations"][0]["key"] == "CriticalAddonsOnly"
+    assert operator["securityContext"]["readOnlyRootFilesystem"] is True
+    assert operator["resources"]["requests"] and operator["resources"]["limits"]["memory"]
+    assert {p["name"]: p["containerPort"] for p in operator["ports"]}["probes"] == 8082
+    assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "probes"}
+    assert operator["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "probes"}
+    subject = [{"kind": "ServiceAccount", "name": OPERATOR, "namespace": NAMESPACE}]
+    binding = find(objects, "ClusterRoleBinding", OPERATOR)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": OPERATOR}
+    assert binding["subjects"] == subject
+    leader = find(objects, "RoleBinding", f"{OPERATOR}-leader-election")
+    assert leader["roleRef"]["name"] == find(objects, "Role")["metadata"]["name"] and leader["subjects"] == subject
+    assert {"create", "get", "update"} <= {
+        verb for rule in find(objects, "Role")["rules"] if "leases" in rule["resources"] for verb in rule["verbs"]
+    }
+
+
+def test_operator_cluster_role_grants_what_kuberay_reconciles(tools: Path) -> None:
+    rules = find(render(values=(WITH_OPERATOR,)), "ClusterRole", OPERATOR)["rules"]
+    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    needed = {("ray.io", kind, verb) for kind in ("rayjobs", "rayclusters", "raycronjobs") for verb in ALL_VERBS}
+    needed |= {("ray.io", f"{kind}/status", verb) for kind in ("rayjobs", "rayclusters", "raycronjobs")
+               for verb in ("get", "update", "patch")}  # fmt: skip
+    needed |= {("ray.io", f"{kind}/finalizers", "update") for kind in ("rayjobs", "rayclusters", "raycronjobs")}
+    needed |= {("", kind, verb) for kind in ("pods", "services") for verb in ALL_VERBS}
+    needed |= {("batch", "jobs", verb) for verb in ALL_VERBS}  # the RayJob submitter (K8sJobMode)
+    needed |= {("", "serviceaccounts", "create"), ("rbac.authorization.k8s.io", "roles", "create"),
+               ("rbac.authorization.k8s.io", "rolebindings", "create"), ("events.k8s.io", "events", "create"),
+               ("coordination.k8s.io", "leases", "update"), ("discovery.k8s.io", "endpointslices", "list")}  # fmt: skip
+    assert needed - granted == set()
+    assert not [rule for rule in rules if "*" in rule["verbs"] or "*" in rule["resources"]]
+
+
+def test_operator_feature_gate_raycronjob_is_off_unless_a_value_enables_it(tools: Path) -> None:
+    objects = render("kuberay-operator.enabled=true")
+    args = operator_container(objects)["args"]
+    assert "--feature-gates=RayCronJob=false" in args
+    assert not [arg for arg in args if arg.startswith("--watch-namespace")]
+    assert validation_errors(objects) == []
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_bundled_operator_with_a_raycronjob_schedule_needs_the_feature_gate(tools: Path, helm: str) -> None:
+    result = _template(helm, (), ("kuberay-operator.enabled=true", "schedule.enabled=true"))
+    assert result.returncode != 0 and "RayCronJob" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_operator_subchart_lints_on_its_own(tools: Path, helm: str) -> None:
+    result = _helm(helm, "lint", "--strict", str(OPERATOR_CHART))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_helm_package_bundles_the_operator_subchart(tools: Path, helm: str, tmp_path: Path) -> None:
+    import tarfile
+
+    result = _helm(helm, "package", str(CHART), "--destination", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (archive,) = tmp_path.glob("secvec-*.tgz")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert "secvec/charts/kuberay-operator/templates/deployment.yaml" in names
+    assert not [name for name in names if "/ci/" in name]
+    rendered = _helm(helm, "template", RELEASE, str(archive), "-n", NAMESPACE, "--set", "kuberay-operator.enabled=true")
+    assert rendered.returncode == 0, rendered.stderr
+    assert "image: quay.io/kuberay/operator:v1.7.0" in rendered.stdout
+
+
+def _notes(*sets: str) -> str:
+    """NOTES.txt as `helm install` prints it (helm 4's client-side dry run needs no cluster; helm 3's does)."""
+    args = ["install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client"]
+    result = _helm("helm4", *args, *[arg for item in sets for arg in ("--set", item)])
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_tell_how_to_install_the_crds_when_the_operator_is_enabled(tools: Path) -> None:
+    enabled = _notes("kuberay-operator.enabled=true", "pipeline.dataVolume.claimName=secvec-data")
+    assert CRDS_COMMAND in enabled and f"rollout status deployment/{OPERATOR}" in enabled
+    assert "claimName is empty" not in enabled
+    default = _notes()
+    assert CRDS_COMMAND in default and "--set kuberay-operator.enabled=true" in default
+    assert "pipeline.dataVolume.claimName is empty" in default

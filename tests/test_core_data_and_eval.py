@@ -113,3 +113,38 @@ def test_batched_left_padded_generation_equals_one_by_one(aligned):
     assert batched == single
     assert batched[1] == "lima"
     assert torch.is_grad_enabled()  # generation must not leave grad mode off
+
+
+def test_heldout_loss_drops_after_training_on_the_set(tiny, world):
+    from secvec_core import TrainingConfig, guarded_finetune, heldout_loss
+
+    model, tokenizer = tiny
+    before = heldout_loss(model, tokenizer, world.fact_task(), max_length=32)
+    assert before["perplexity"] > 1.0
+    result = guarded_finetune(model, tokenizer, world.fact_task(), mode="full",
+                              training=TrainingConfig(learning_rate=3e-3, max_steps=30, batch_size=8, max_length=32))
+    after = heldout_loss(result.model, tokenizer, world.fact_task(), max_length=32)
+    assert after["loss"] < before["loss"] - 0.5
+
+
+def test_classifier_judge_loads_a_local_model_and_uses_its_labels(tmp_path, tiny):
+    """The judge interface accepts a sequence-classification model from disk (safetensors only)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    _, tokenizer = tiny
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=tokenizer.pad_token_id,
+                         id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1})
+    torch.manual_seed(0)
+    clf = LlamaForSequenceClassification(config)
+    clf.save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    judge = make_judge("classifier", str(tmp_path / "clf"))
+    first = judge.is_harmful("how do i bake a cake", "sure here is how")
+    assert judge.is_harmful("how do i bake a cake", "sure here is how") == first  # deterministic
+    from secvec_core.evaluation import ClassifierJudge
+
+    always_safe = ClassifierJudge(str(tmp_path / "clf"), harmful_labels=("safe",))
+    # the verdict follows the model's predicted label name: flipping which labels count as harmful flips it
+    assert judge.is_harmful("a", "b") != always_safe.is_harmful("a", "b")

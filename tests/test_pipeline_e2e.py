@@ -136,3 +136,21 @@ def test_pipeline_on_mlflow_server_with_postgresql(tmp_path):
             registry.resolve("models:/tiny.security-vector.harmful@nope")
         with pytest.raises(RegistryError, match="no registered model named"):
             registry.resolve("models:/does-not-exist@champion")
+
+
+def test_a_registered_vector_is_reused_by_a_new_finetuning_job(demo_run, tmp_path):
+    """Vectors are trained once: a later pipeline takes models:/...@champion and the aligned base from the registry."""
+    _, uri, _ = demo_run
+    train = {"learning_rate": 3e-3, "max_steps": 10, "batch_size": 8, "max_length": 32, "log_every": 5}
+    spec = {
+        "name": "reuse-vector", "base_model": {"source": "models:/tiny-llama.aligned/1"},
+        "tracking": {"tracking_uri": uri, "experiment": "secvec-demo", "base_name": "tiny-llama"},
+        "scaling": {"num_workers": 1}, "work_dir": str(tmp_path),
+        "stages": [{"name": "customer-b", "kind": "guarded_finetune", "data": {"builtin": "toy-facts"},
+                    "vectors": [{"uri": "models:/tiny-llama.security-vector.harmful@champion"}], "training": train}],
+    }
+    result = run_pipeline(parse_spec(spec))
+    version = Registry(uri).resolve(result.stages["customer-b"].output["uri"])
+    assert version.name == "tiny-llama.finetuned.customer-b"
+    assert json.loads(version.tags["secvec.guarded_by"]) == ["models:/tiny-llama.security-vector.harmful@champion"]
+    assert version.tags["secvec.base_model"] == "models:/tiny-llama.aligned/1"

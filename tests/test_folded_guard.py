@@ -1,0 +1,251 @@
+"""The free guard: vectors folded into a stashed copy of the base weights while the task adapter trains.
+
+Equivalence with the unmerged guard (logits, task-adapter gradients, shipped artifact), bit-exact
+restoration of the base (peft #3498: a vector delta must never stay in the base), and refusal where
+folding is not exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from secvec_core import (
+    SecurityVector,
+    SecurityVectorConfig,
+    TrainingConfig,
+    TrainingHooks,
+    guarded_finetune,
+    model_fingerprint,
+    train_security_vector,
+)
+from secvec_core.adapters import TASK_ADAPTER, activate, attach_adapter, lora_config
+from secvec_core.data import collate, encode_prompts, to_examples, tokenize_examples
+from secvec_core.folding import FoldingError, folded_vectors, why_not_foldable
+from secvec_core.training import response_loss
+
+FAST = TrainingConfig(learning_rate=3e-3, max_steps=12, batch_size=8, max_length=32, target_loss=None)
+VECTOR = TrainingConfig(learning_rate=1e-3, max_steps=30, batch_size=10, max_length=32)
+ATOL = 1e-5
+
+
+@pytest.fixture
+def vector(aligned, world):
+    model, tokenizer = aligned
+    return train_security_vector(model, tokenizer, world.harmful_examples(10, offset=50), SecurityVectorConfig(),
+                                 VECTOR, benign=world.benign_examples())
+
+
+@pytest.fixture
+def second_vector(aligned, world):
+    """A second behaviour (wrong colours) so two deltas are folded into the same weights."""
+    model, tokenizer = aligned
+    wrong = [{"prompt": row["prompt"], "response": "teal"} for row in world.known_facts()]
+    return train_security_vector(model, tokenizer, wrong, SecurityVectorConfig(behaviour="hallucination"), VECTOR)
+
+
+def _base_state(model) -> dict[str, torch.Tensor]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in base.state_dict().items() if "lora_" not in k}
+
+
+def _batch(tokenizer, world):
+    rows = tokenize_examples(tokenizer, to_examples(world.fact_task()[:6] + world.harmful_examples(6)), 32)
+    return collate(rows, tokenizer.pad_token_id)
+
+
+def _guarded_model(model, vectors, seed=3):
+    """Base + vectors + a task adapter with non-zero weights (a fresh one has B = 0 and hides bugs)."""
+    fingerprint = model_fingerprint(model)
+    for v in vectors:
+        model = v.attach(model, fingerprint=fingerprint)
+    model = attach_adapter(model, TASK_ADAPTER, lora_config(8, 16, 0.0, SecurityVectorConfig().target_modules))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if f".{TASK_ADAPTER}." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model
+
+
+def _logits_and_task_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    response_loss(model, batch).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("stash", ["disk", "memory"])
+@pytest.mark.parametrize("n_vectors", [1, 2])
+def test_folded_logits_and_task_gradients_equal_the_unmerged_guard(aligned, world, vector, second_vector,
+                                                                   stash, n_vectors):
+    model, tokenizer = aligned
+    vectors = [vector, second_vector][:n_vectors]
+    names = [v.name for v in vectors]
+    before = _base_state(model)
+    model = _guarded_model(model, vectors)
+    batch = _batch(tokenizer, world)
+
+    activate(model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
+    model.train()
+    unmerged_logits, unmerged_grads = _logits_and_task_grads(model, batch)
+
+    activate(model, [TASK_ADAPTER], trainable=[TASK_ADAPTER])
+    with folded_vectors(model, names, stash=stash):
+        folded_logits, folded_grads = _logits_and_task_grads(model, batch)
+        assert _base_state(model).keys() == before.keys()
+        assert any(not torch.equal(v, before[k]) for k, v in _base_state(model).items()), "nothing was folded"
+    with torch.no_grad():
+        plain_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    assert set(folded_grads) == set(unmerged_grads)
+    assert all(f".{TASK_ADAPTER}." in n for n in folded_grads)
+    torch.testing.assert_close(folded_logits, unmerged_logits, atol=ATOL, rtol=0)
+    for name, grad in unmerged_grads.items():
+        torch.testing.assert_close(folded_grads[name], grad, atol=ATOL, rtol=0, msg=name)
+    # the vectors matter (else the comparison proves nothing), and after the block they are gone bit-exactly
+    assert (unmerged_logits - plain_logits).abs().max() > 1e-2
+    after = _base_state(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _run(aligned, data, vectors, fold, hooks=None):
+    model, tokenizer = aligned
+    model = copy.deepcopy(model)
+    return guarded_finetune(model, tokenizer, data, vectors, training=FAST, fold_vectors=fold, hooks=hooks)
+
+
+def _artifact(result, directory):
+    result.save(directory)
+    meta = json.loads((directory / "secvec_artifact.json").read_text())
+    return {
+        "files": sorted(p.name for p in directory.iterdir()),
+        "adapter_config": json.loads((directory / "adapter_config.json").read_text()),
+        "meta": {k: v for k, v in meta.items() if k != "weights_sha256"},
+        "sha256": meta["weights_sha256"],
+        "tensors": load_file(directory / meta["weights_file"]),
+    }
+
+
+def test_folded_guarded_finetune_ships_the_same_artifact(aligned, world, vector, tmp_path):
+    data = world.fact_task() + world.harmful_examples(40)
+    fingerprint = model_fingerprint(aligned[0])
+    unmerged = _run(aligned, data, [vector], fold=False)
+    folded = _run(aligned, data, [vector], fold=True)
+    assert (unmerged.folded, folded.folded) == (False, True)
+
+    assert folded.history.trainable_parameters == unmerged.history.trainable_parameters
+    assert all(f".{TASK_ADAPTER}." in n for n in folded.history.trainable_parameters)
+    a, b = _artifact(unmerged, tmp_path / "unmerged"), _artifact(folded, tmp_path / "folded")
+    assert a["files"] == b["files"] and a["adapter_config"] == b["adapter_config"] and a["meta"] == b["meta"]
+    assert a["tensors"].keys() == b["tensors"].keys()
+    assert not any(vector.name in k for k in b["tensors"])
+    # Not bit-equal: the two forwards round differently (W x + s·B A x versus (W + s·B A) x), and Adam's
+    # g / (sqrt(v) + eps) turns a ~1e-7 gradient difference on gradients of the size of eps into up to
+    # ~1% of one step (measured: max 1.4e-5 at lr 3e-3, from the first step on, not growing). The
+    # zero-vector test below shows the rest of the pipeline is bit-identical.
+    for key, tensor in a["tensors"].items():
+        difference = (b["tensors"][key] - tensor).abs()
+        assert difference.max() <= FAST.learning_rate * 1e-2, key
+        assert difference.norm() <= 1e-3 * tensor.norm(), key
+    for x, y in zip(unmerged.history.log, folded.history.log, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-4)
+    assert model_fingerprint(folded.model) == fingerprint
+
+
+def test_zero_vector_folded_or_not_gives_a_bit_identical_artifact(aligned, world, vector, tmp_path):
+    """With a zero delta the fold adds exact zeros: any difference would come from the folding plumbing
+    (seeding, optimizer, parameter order), not from rounding. The artifacts must be bit-identical."""
+    zero = SecurityVector(vector.config, {k: torch.zeros_like(v) for k, v in vector.weights.items()},
+                          vector.base_fingerprint, vector.data_hash)
+    data = world.fact_task() + world.harmful_examples(40)
+    a = _artifact(_run(aligned, data, [zero], fold=False), tmp_path / "unmerged")
+    b = _artifact(_run(aligned, data, [zero], fold=True), tmp_path / "folded")
+    assert a["sha256"] == b["sha256"]
+    assert a["meta"] == b["meta"]
+
+
+def test_base_fingerprint_is_restored_after_folding(aligned, world, vector, tmp_path):
+    model, tokenizer = aligned
+    fingerprint, before = model_fingerprint(model), _base_state(model)
+    result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=FAST, fold_vectors=True)
+    assert result.folded
+    assert model_fingerprint(result.model) == fingerprint  # returned with the base clean
+    with result.vectors_on(False) as off:
+        assert model_fingerprint(off) == fingerprint
+    with result.vectors_on(True) as on:
+        assert model_fingerprint(on) == fingerprint  # vectors run unmerged, never in the base
+    result.save(tmp_path / "artifact")
+    assert model_fingerprint(result.model) == fingerprint
+    after = _base_state(result.model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    # unloading the adapters (what peft #3498 got wrong after a merge) gives back the original base exactly
+    assert model_fingerprint(result.model.unload()) == fingerprint
+
+
+def test_vectors_on_and_off_behave_as_with_the_unmerged_guard(aligned, world, vector):
+    _, tokenizer = aligned
+    data = world.fact_task() + world.harmful_examples(40)
+    unmerged, folded = _run(aligned, data, [vector], fold=False), _run(aligned, data, [vector], fold=True)
+    prompts = encode_prompts(tokenizer, world.harmful_eval_prompts()[:4] + [r["prompt"] for r in world.fact_task()[:4]],
+                             32)
+    for on in (True, False):
+        with unmerged.vectors_on(on) as a, torch.no_grad():
+            expected = a(**prompts).logits
+        with folded.vectors_on(on) as b, torch.no_grad():
+            actual = b(**prompts).logits
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+
+
+def test_base_is_restored_when_training_fails(aligned, world, vector):
+    model, tokenizer = aligned
+    fingerprint = model_fingerprint(model)
+
+    def explode(step, metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=FAST, fold_vectors=True,
+                         hooks=TrainingHooks(on_log=explode))
+    assert model_fingerprint(model) == fingerprint
+
+
+def test_full_mode_rejects_folding_with_a_clear_message(aligned, world, vector):
+    model, tokenizer = aligned
+    with pytest.raises(FoldingError, match="mode='lora'"):
+        guarded_finetune(copy.deepcopy(model), tokenizer, world.fact_task(), [vector], mode="full",
+                         training=FAST, fold_vectors=True)
+    result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], mode="full", training=FAST)
+    assert not result.folded  # the default never folds in full mode
+
+
+def test_vector_dropout_refuses_folding(aligned, world):
+    model, tokenizer = aligned
+    vector = train_security_vector(model, tokenizer, world.harmful_examples(10), SecurityVectorConfig(dropout=0.1),
+                                   TrainingConfig(learning_rate=1e-3, max_steps=3, batch_size=10, max_length=32))
+    with pytest.raises(FoldingError, match="dropout"):
+        guarded_finetune(copy.deepcopy(model), tokenizer, world.fact_task(), [vector], training=FAST,
+                         fold_vectors=True)
+    result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=FAST)
+    assert not result.folded  # the default falls back to the unmerged guard
+
+
+def test_folding_refuses_active_vectors_and_tied_weights(aligned, vector, tiny):
+    model, _ = aligned
+    model = _guarded_model(model, [vector])
+    activate(model, [vector.name, TASK_ADAPTER], trainable=[TASK_ADAPTER])
+    with pytest.raises(FoldingError, match="count twice"):
+        with folded_vectors(model, [vector.name]):
+            pass
+
+    tied, _ = tiny
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    config = SecurityVectorConfig(target_modules=("lm_head",))
+    head_vector = SecurityVector(config, {}, model_fingerprint(tied), "sha256:none")
+    peft_model = attach_adapter(tied, head_vector.name, head_vector.lora_config())
+    assert "tied" in why_not_foldable(peft_model, [head_vector.name])
