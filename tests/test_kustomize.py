@@ -20,6 +20,7 @@ from workflows import kube
 pytestmark = pytest.mark.slow  # needs kubectl from tools/get-helm.sh
 
 K8S = REPO_ROOT / "k8s"
+EXAMPLE_SPEC = REPO_ROOT / "workflows" / "examples" / "cluster-smollm2.yaml"
 KUSTOMIZATIONS = ["base", "overlays/gpu"]
 
 
@@ -64,7 +65,7 @@ def test_base_wires_pipeline_configmap_mlflow_and_rbac() -> None:
     assert {o["metadata"].get("namespace") for o in objects} == {"secvec"}
     configmap = only(objects, "ConfigMap")
     assert configmap["metadata"]["name"] == "secvec-pipeline"  # no hash suffix: the RayJob refers to it
-    assert isinstance(yaml.safe_load(configmap["data"]["pipeline.yaml"]), dict)
+    assert sorted(configmap["data"]) == ["pipeline.yaml", "rayjob-template.yaml"]
     rayjob = only(objects, "RayJob")
     assert rayjob["spec"]["entrypoint"] == "secvec run /config/pipeline.yaml"
     for _, pod in pod_specs(rayjob):
@@ -79,11 +80,27 @@ def test_base_wires_pipeline_configmap_mlflow_and_rbac() -> None:
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "secvec-submitter", "namespace": "secvec"}]
 
 
-def _submit_arguments(objects: list[dict[str, Any]]) -> list[str]:
-    cronjob = only(objects, "CronJob")
-    command = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert command[:4] == ["secvec", "submit", "/config/pipeline.yaml", "--in-cluster"]
-    return command[4:]
+def test_base_pipeline_spec_is_the_cluster_smollm2_example() -> None:
+    """k8s/base/pipeline.yaml and workflows/examples/cluster-smollm2.yaml never drift apart."""
+    example = yaml.safe_load(EXAMPLE_SPEC.read_text())
+    assert yaml.safe_load((K8S / "base" / "pipeline.yaml").read_text()) == example
+    configmap = only(build("base"), "ConfigMap")
+    assert yaml.safe_load(configmap["data"]["pipeline.yaml"]) == example
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS)
+def test_rayjob_has_the_workers_and_data_volume_the_spec_asks_for(directory: str) -> None:
+    objects = build(directory)
+    scaling = yaml.safe_load(only(objects, "ConfigMap")["data"]["pipeline.yaml"])["scaling"]
+    rayjob = only(objects, "RayJob")
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == scaling["num_workers"]
+    requests = group["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert requests[kube.GPU_RESOURCE] == scaling["resources_per_worker"]["GPU"]
+    assert float(requests["cpu"]) >= scaling["resources_per_worker"]["CPU"]
+    for where, pod in pod_specs(rayjob):
+        assert {"name": "pipeline-data", "mountPath": "/data"} in pod["containers"][0]["volumeMounts"], where
+        assert {"name": "pipeline-data", "persistentVolumeClaim": {"claimName": "secvec-data"}} in pod["volumes"]
 
 
 def test_gpu_overlay_places_gpu_workers_on_gpu_nodes() -> None:
@@ -92,35 +109,48 @@ def test_gpu_overlay_places_gpu_workers_on_gpu_nodes() -> None:
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
     pod = group["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["containers"][0]["resources"]["requests"]["cpu"] == "8"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["containers"][0]["image"] == "secvec:0.1.0-gpu"
-    arguments = _submit_arguments(objects)
-    assert arguments[arguments.index("--gpus-per-worker") + 1] == "1"
+    base_group = only(build("base"), "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert "nodeSelector" not in base_group["template"]["spec"]
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS)
-def test_cronjob_submit_flags_render_a_valid_rayjob(directory: str, tmp_path: Path) -> None:
-    """Run the CronJob's own `secvec render` equivalent of its `secvec submit` flags and validate it."""
+def test_cronjob_template_is_the_rayjob(directory: str) -> None:
+    """Scheduled runs start from rayjob-template.yaml: it must be the RayJob this kustomization applies."""
+    objects = build(directory)
+    template = yaml.safe_load(only(objects, "ConfigMap")["data"]["rayjob-template.yaml"])
+    assert template["spec"] == only(objects, "RayJob")["spec"]
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS)
+def test_cronjob_submit_renders_a_valid_rayjob(directory: str, tmp_path: Path) -> None:
+    """Run the CronJob's own `secvec submit` arguments through `secvec render` and validate the result."""
     import typer
     from typer.testing import CliRunner
 
     from workflows import cli_kube
 
     objects = build(directory)
-    spec = tmp_path / "pipeline.yaml"
-    spec.write_text(only(objects, "ConfigMap")["data"]["pipeline.yaml"])
-    arguments = [a.replace("$(POD_NAMESPACE)", "secvec") for a in _submit_arguments(objects)]
+    for key, text in only(objects, "ConfigMap")["data"].items():
+        (tmp_path / key).write_text(text)
+    command = only(objects, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:5] == ["secvec", "submit", "/config/pipeline.yaml", "--in-cluster", "--namespace"]
+    arguments = [a.replace("$(POD_NAMESPACE)", "secvec").replace("/config/", f"{tmp_path}/") for a in command[2:]]
+    arguments.remove("--in-cluster")
     app = typer.Typer()
     cli_kube.register(app)
-    result = CliRunner().invoke(app, ["render", str(spec), *arguments])
+    result = CliRunner().invoke(app, ["render", *arguments])
     assert result.exit_code == 0, result.output
     rayjob = yaml.safe_load(result.stdout)
     assert validation_errors([rayjob]) == []
-    base_group = only(objects, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert group["replicas"] == base_group["replicas"]
+    (applied,) = only(objects, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == applied["replicas"]
     worker = group["template"]["spec"]
-    assert worker.get("nodeSelector") == base_group["template"]["spec"].get("nodeSelector")
-    gpus = base_group["template"]["spec"]["containers"][0]["resources"]["limits"].get(kube.GPU_RESOURCE)
-    assert worker["containers"][0]["resources"]["limits"].get(kube.GPU_RESOURCE) == gpus
+    assert worker.get("nodeSelector") == applied["template"]["spec"].get("nodeSelector")
+    assert worker["containers"][0]["resources"] == applied["template"]["spec"]["containers"][0]["resources"]
+    for _, pod in pod_specs(rayjob):
+        assert {"name": "pipeline-data", "persistentVolumeClaim": {"claimName": "secvec-data"}} in pod["volumes"]

@@ -65,8 +65,32 @@ imagePullSecrets:
 {{- default (include "secvec.postgresql.fullname" .) .Values.postgresql.auth.existingSecret }}
 {{- end }}
 
+{{/* The bundled operator's Deployment, named as the kuberay-operator subchart names it. */}}
+{{- define "secvec.kuberayOperator.fullname" -}}
+{{- $values := index .Values "kuberay-operator" }}
+{{- if $values.fullnameOverride }}
+{{- $values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default "kuberay-operator" $values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "secvec.pipeline.fullname" -}}
 {{- printf "%s-pipeline" (include "secvec.fullname" .) }}
+{{- end }}
+
+{{/* The pipeline spec as YAML text: a string (`--set-file pipeline.spec=FILE`) as given, a mapping dumped. */}}
+{{- define "secvec.pipeline.specYaml" -}}
+{{- if kindIs "string" .Values.pipeline.spec }}
+{{- .Values.pipeline.spec | trim }}
+{{- else }}
+{{- toYaml .Values.pipeline.spec }}
+{{- end }}
 {{- end }}
 
 {{/* Host headers MLflow accepts: the Service in every DNS form, with and without a port, and localhost. */}}
@@ -214,10 +238,29 @@ spec:
         - name: pipeline-config
           mountPath: /config
           readOnly: true
+        {{- with $root.Values.pipeline.dataVolume }}
+        {{- if .claimName }}
+        - name: pipeline-data
+          mountPath: {{ .mountPath }}
+          {{- if .readOnly }}
+          readOnly: true
+          {{- end }}
+        {{- end }}
+        {{- end }}
   volumes:
     - name: pipeline-config
       configMap:
         name: {{ include "secvec.pipeline.fullname" $root }}
+    {{- with $root.Values.pipeline.dataVolume }}
+    {{- if .claimName }}
+    - name: pipeline-data
+      persistentVolumeClaim:
+        claimName: {{ .claimName }}
+        {{- if .readOnly }}
+        readOnly: true
+        {{- end }}
+    {{- end }}
+    {{- end }}
 {{- end }}
 
 {{/* `ray start` parameters as a map of strings, as the CRD requires. */}}
