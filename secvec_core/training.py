@@ -44,6 +44,12 @@ class TrainingHistory:
     final_loss: float = float("nan")
     log: list[dict] = field(default_factory=list)
     trainable_parameters: list[str] = field(default_factory=list)
+    resumed_from_step: int = 0  # > 0 when the loop continued from a checkpoint
+
+
+def to_device(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -101,13 +107,13 @@ def train_loop(
         raise ValueError("nothing to train: no parameter has requires_grad=True")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    start_step = 0
+    start_step, running = 0, None
     if hooks.resume_from is not None:
-        start_step = _restore(hooks.resume_from, named_trainable, optimizer)
+        start_step, running = _restore(hooks.resume_from, named_trainable, optimizer)
         logger.info("resumed %s at step %d", description, start_step)
     torch.manual_seed(config.seed + start_step)
-    history = TrainingHistory(steps=start_step, trainable_parameters=sorted(n for n, _ in named_trainable))
-    running = None
+    history = TrainingHistory(steps=start_step, resumed_from_step=start_step,
+                              trainable_parameters=sorted(n for n, _ in named_trainable))
     model.train()
     bar = tqdm(total=config.max_steps, initial=start_step, desc=description,
                disable=not (config.show_progress and rank == 0), leave=False)
@@ -115,7 +121,7 @@ def train_loop(
         indices = _batch_indices(len(rows), step, config.batch_size, config.seed)[rank::world]
         if not indices:  # more workers than examples in a batch
             indices = _batch_indices(len(rows), step, config.batch_size, config.seed)[:1]
-        batch = collate([rows[i] for i in indices], pad_token_id)
+        batch = to_device(collate([rows[i] for i in indices], pad_token_id), model)
         loss = response_loss(model, batch)
         total = loss if extra_loss is None else loss + extra_loss(model)
         optimizer.zero_grad(set_to_none=True)
@@ -142,13 +148,14 @@ def train_loop(
         bar.set_postfix(loss=f"{value:.3f}")
         done = stop_below is not None and running < stop_below
         last = done or step + 1 == config.max_steps
-        if (step + 1) % config.log_every == 0 or last:
+        should_log = (step + 1) % config.log_every == 0 or last
+        if hooks.on_checkpoint and hooks.checkpoint_every and ((step + 1) % hooks.checkpoint_every == 0 or last):
+            hooks.on_checkpoint(step + 1, _state(step + 1, named_trainable, optimizer, running))
+        if should_log:
             metrics = {"loss": value, "running_loss": running}
             history.log.append({"step": step + 1, **metrics})
             if hooks.on_log:
                 hooks.on_log(step + 1, metrics)
-        if hooks.on_checkpoint and hooks.checkpoint_every and ((step + 1) % hooks.checkpoint_every == 0 or last):
-            hooks.on_checkpoint(step + 1, _state(step + 1, named_trainable, optimizer))
         if done:
             history.stopped_early = step + 1 < config.max_steps
             break
@@ -157,15 +164,16 @@ def train_loop(
     return history
 
 
-def _state(step: int, named_trainable, optimizer) -> dict:
+def _state(step: int, named_trainable, optimizer, running: float | None) -> dict:
     return {
         "step": step,
+        "running_loss": running,  # early stopping (``stop_below``) continues from the same running mean
         "trainable": {n: p.detach().clone() for n, p in named_trainable},
         "optimizer": optimizer.state_dict(),
     }
 
 
-def _restore(state: dict, named_trainable, optimizer) -> int:
+def _restore(state: dict, named_trainable, optimizer) -> tuple[int, float | None]:
     saved = state["trainable"]
     names = {n for n, _ in named_trainable}
     if set(saved) != names:
@@ -175,4 +183,4 @@ def _restore(state: dict, named_trainable, optimizer) -> int:
         for n, p in named_trainable:
             p.copy_(saved[n])
     optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"])
+    return int(state["step"]), state.get("running_loss")

@@ -152,5 +152,6 @@ def test_a_registered_vector_is_reused_by_a_new_finetuning_job(demo_run, tmp_pat
     result = run_pipeline(parse_spec(spec))
     version = Registry(uri).resolve(result.stages["customer-b"].output["uri"])
     assert version.name == "tiny-llama.finetuned.customer-b"
-    assert json.loads(version.tags["secvec.guarded_by"]) == ["models:/tiny-llama.security-vector.harmful@champion"]
+    # the alias is pinned to the version it pointed at, so the lineage stays true after re-promotion
+    assert json.loads(version.tags["secvec.guarded_by"]) == ["models:/tiny-llama.security-vector.harmful/1"]
     assert version.tags["secvec.base_model"] == "models:/tiny-llama.aligned/1"

@@ -29,7 +29,9 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -108,15 +110,23 @@ def _print_evaluations(result) -> list[dict]:
 
 
 def _run_or_fail(spec, reuse: bool):
+    """Run the pipeline; any failure becomes one line on stderr and exit code 1 (SECVEC_VERBOSE=1: traceback)."""
+    from workflows.pipeline import StageFailedError
     from workflows.registry import RegistryError
     from workflows.tracking import TrackingUnavailableError
 
     try:
         return _run_with_progress(spec, reuse)
+    except StageFailedError as err:
+        _fail(str(err), code=1)
     except (TrackingUnavailableError, RegistryError, FileNotFoundError, ValueError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__, code=1)
     except RuntimeError as err:
         _fail(_root_cause(str(err)), code=1)
+    except Exception as err:
+        if os.environ.get("SECVEC_VERBOSE"):
+            raise
+        _fail(f"{type(err).__name__}: {_root_cause(str(err))} (set SECVEC_VERBOSE=1 for the traceback)", code=1)
 
 
 def _root_cause(text: str) -> str:

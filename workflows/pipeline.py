@@ -22,6 +22,14 @@ from workflows.stages import OUTPUT_FILE, StageContext, stage_worker
 logger = logging.getLogger(__name__)
 
 
+class StageFailedError(RuntimeError):
+    """A stage's Ray job failed. The message is one line, the worker's own error; ``original`` is that error."""
+
+    def __init__(self, message: str, original: BaseException | None = None):
+        super().__init__(message)
+        self.original = original
+
+
 @dataclass
 class StageResult:
     name: str
@@ -104,11 +112,13 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from workflows.tracking import StageRun, ensure_experiment
+    from workflows.preflight import check_fingerprints, preflight
+    from workflows.tracking import RETRY_ENV, StageRun, ensure_experiment
 
     work_dir = Path(spec.work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = absolute_tracking_uri(spec.tracking.tracking_uri)
+    preflight(spec, tracking_uri)  # fail fast, before Ray starts or anything is written
     artifact_location = spec.tracking.artifact_location or default_artifact_location(tracking_uri, work_dir)
     experiment_id = ensure_experiment(tracking_uri, spec.tracking.experiment, artifact_location)
     parent = StageRun(tracking_uri, experiment_id, f"pipeline/{spec.name}", None,
@@ -119,7 +129,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
     status = "FAILED"
     try:
         for stage in spec.stages:
-            inputs = _resolve_inputs(spec, stage, result)
+            inputs = _resolve_inputs(spec, stage, result, tracking_uri)
             stage_dict = stage.model_dump(mode="json")
             digest = stage_hash(stage_dict, {**inputs, "base_name": spec.tracking.base_name})
             if on_stage:
@@ -130,12 +140,16 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
                 logger.info("stage %s: reusing %s (same spec and inputs)", stage.name, cached["uri"])
                 result.stages[stage.name] = StageResult(stage.name, stage.kind, cached, 0.0, reused=True)
             else:
+                if isinstance(stage, GuardedFinetuneStage):
+                    check_fingerprints(stage.name, inputs["base"], inputs["vectors"], tracking_uri)
                 ctx = StageContext(
                     stage=stage_dict, pipeline=spec.name, base_source=inputs["base"], vector_refs=inputs["vectors"],
                     candidate_uri=inputs["candidate"], tracking_uri=tracking_uri, experiment_id=experiment_id,
                     parent_run_id=parent.run_id, base_name=spec.tracking.base_name, stage_hash=digest,
                     checkpoint_every=spec.scaling.checkpoint_every, work_dir=str(work_dir),
-                    trust_remote_code=inputs["trust_remote_code"])
+                    trust_remote_code=inputs["trust_remote_code"],
+                    retry_seconds=float(os.environ[RETRY_ENV]) if os.environ.get(RETRY_ENV) else None,
+                    fault_kill_at_step=os.environ.get("SECVEC_FAULT_KILL_AT_STEP") or None)
                 trainer = TorchTrainer(
                     stage_worker, train_loop_config=ctx.__dict__,
                     scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
@@ -144,9 +158,12 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
                                          storage_path=str(work_dir / "ray-results"),
                                          failure_config=FailureConfig(max_failures=spec.scaling.max_failures)),
                 )
-                fit = trainer.fit()
+                try:
+                    fit = trainer.fit()
+                except Exception as err:  # Ray Train v2 raises TrainingFailedError wrapping the workers' errors
+                    raise stage_error(stage.name, err) from err
                 if fit.error:
-                    raise RuntimeError(f"stage {stage.name!r} failed: {fit.error}")
+                    raise stage_error(stage.name, fit.error)
                 with fit.checkpoint.as_directory() as d:
                     output = json.loads((Path(d) / OUTPUT_FILE).read_text())
                 result.stages[stage.name] = StageResult(stage.name, stage.kind, output, time.time() - started)
@@ -154,18 +171,61 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
                 on_stage(stage.name, result.stages[stage.name])
         status = "FINISHED"
     finally:
-        parent.set_tags({"secvec.stages": json.dumps({k: v.output.get("uri") for k, v in result.stages.items()})})
-        parent.finish(status)
+        _close_parent_run(parent, result, status)
     return result
 
 
-def _resolve_inputs(spec: PipelineSpec, stage, result: PipelineResult) -> dict:
-    """Stage references -> registry URIs of the earlier stages' outputs (plain strings for workers)."""
+def _close_parent_run(parent, result: PipelineResult, status: str) -> None:
+    """On failure, try briefly and never hide the stage's own error behind a tracking error."""
+    budget = None if status == "FINISHED" else 5.0
+    try:
+        parent.set_tags({"secvec.stages": json.dumps({k: v.output.get("uri") for k, v in result.stages.items()})},
+                        budget_s=budget)
+        parent.finish(status, budget_s=budget)
+    except Exception:
+        if status == "FINISHED":
+            raise
+        logger.warning("could not mark the pipeline run %s as %s", parent.run_id, status)
+
+
+def stage_error(name: str, err: BaseException) -> StageFailedError:
+    """One line from Ray's pages of worker tracebacks: the first worker error that is not Ray's or torch's own
+    (a peer dropping out of an all-reduce is a consequence, not the cause)."""
+    failures = getattr(err, "worker_failures", None) or {}
+    candidates = [failures[rank] for rank in sorted(failures)]
+    candidates.append(getattr(err, "controller_failure", None) or err)
+    original = next((e for e in candidates if not _is_infrastructure(e)), candidates[0])
+    lines = [ln.strip() for ln in str(original).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if _is_infrastructure(original) or not text:
+        text = (f"{type(original).__name__}: {text[:300]}; a Ray worker died or lost contact (restarts from the last "
+                "checkpoint are set by scaling.max_failures); see the Ray worker logs")
+    return StageFailedError(f"stage {name!r} failed: {text}", original)
+
+
+def _is_infrastructure(err: BaseException) -> bool:
+    module = type(err).__module__
+    return module.startswith(("ray.", "torch.distributed")) or any(
+        s in str(err) for s in ("Connection closed by peer", "Gloo", "gloo"))
+
+
+def _resolve_inputs(spec: PipelineSpec, stage, result: PipelineResult, tracking_uri: str) -> dict:
+    """Stage references -> registry URIs of the earlier stages' outputs (plain strings for workers).
+
+    Aliases (``@champion``) are pinned to the version they point at now, so lineage tags name an
+    immutable version and a bad alias fails here, before any worker starts.
+    """
+    from workflows.registry import Registry
+
+    def pinned(uri: str) -> str:
+        return Registry(tracking_uri).resolve(uri).uri if "@" in uri else uri
 
     def model_source(ref) -> str:
         if ref.stage:
             return result.stages[ref.stage].output["uri"]
-        if ref.source.startswith("builtin:") or ref.source.startswith("models:/"):
+        if ref.source.startswith("models:/"):
+            return pinned(ref.source)
+        if ref.source.startswith("builtin:"):
             return ref.source
         return str(Path(ref.source).resolve()) if Path(ref.source).exists() else ref.source
 
@@ -173,7 +233,10 @@ def _resolve_inputs(spec: PipelineSpec, stage, result: PipelineResult) -> dict:
     vectors: list[str] = []
     if isinstance(stage, GuardedFinetuneStage):
         for v in stage.vectors:
-            vectors.append(result.stages[v.stage].output["uri"] if v.stage else (v.uri or str(Path(v.path).resolve())))
+            if v.stage:
+                vectors.append(result.stages[v.stage].output["uri"])
+            else:
+                vectors.append(pinned(v.uri) if v.uri else str(Path(v.path).resolve()))
     candidate = None
     if isinstance(stage, EvaluationStage):
         candidate = model_source(stage.candidate)

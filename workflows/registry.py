@@ -9,11 +9,13 @@ Every version carries lineage tags; ``champion`` is the alias a promotion sets.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from workflows.specs import REGISTRY_URI
-from workflows.tracking import configure_http_retries, with_retries
+from workflows.tracking import configure_http_retries, redact, with_retries
 
 KIND_TAG = "secvec.kind"
 CHAMPION = "champion"
@@ -70,7 +72,7 @@ class Registry:
         try:
             self._call(lambda: self.client.get_registered_model(name), f"look up {name}")
         except MlflowException:
-            raise RegistryError(f"{uri}: no registered model named {name!r} at {self.tracking_uri}; "
+            raise RegistryError(f"{uri}: no registered model named {name!r} at {redact(self.tracking_uri)}; "
                                 "run the stage that registers it, or fix the name (see `secvec registry list`)") from None
         try:
             if alias:
@@ -110,11 +112,23 @@ class Registry:
                    f"set alias {alias} on {version.uri}")
 
     def promote_finetuned(self, version: VersionRef, alias: str = CHAMPION) -> None:
-        """Promote a fine-tuned version only if an evaluation of this very version is recorded and its
+        """Promote a fine-tuned version only if an evaluation run of this very version is recorded and its
         artifact holds no vector content."""
+        from mlflow.exceptions import MlflowException
+
         current = self.resolve(version.uri)
-        if current.tags.get("secvec.eval.version") != version.version or "secvec.eval.run_id" not in current.tags:
+        eval_run_id = current.tags.get("secvec.eval.run_id")
+        if current.tags.get("secvec.eval.version") != version.version or not eval_run_id:
             raise RegistryError(f"{version.uri}: refusing to promote: no evaluation logged against this version")
+        try:
+            scored = self._call(lambda: self.client.get_run(eval_run_id), "look up the evaluation run")
+        except MlflowException:
+            raise RegistryError(f"{version.uri}: refusing to promote: evaluation run {eval_run_id} does not exist; "
+                                "run an evaluation stage on this version") from None
+        if scored.data.tags.get("secvec.candidate") != current.uri:
+            raise RegistryError(f"{version.uri}: refusing to promote: evaluation run {eval_run_id} scored "
+                                f"{scored.data.tags.get('secvec.candidate', 'no candidate')}, not this version; "
+                                "run an evaluation stage on this version")
         if current.tags.get("secvec.gate") != "passed":
             raise RegistryError(f"{version.uri}: refusing to promote: gate status is "
                                 f"{current.tags.get('secvec.gate', 'unset')} ({current.tags.get('secvec.gate.reason', '')})")
@@ -122,17 +136,31 @@ class Registry:
         self.set_alias(current, alias)
 
     def check_vector_free(self, version: VersionRef) -> None:
+        """Refuse an artifact that is not exactly what a guarded fine-tune ships: a pickle file, weights that
+        differ from the recorded checksum, vector files or keys, or a tensor equal to a weight of one of the
+        vectors that guarded it (``secvec.guarded_by``)."""
         import mlflow.artifacts
 
-        from secvec_core.inference import VectorLeakError, assert_no_vector
+        from secvec_core.artifacts import refuse_pickle_files, sha256_file
+        from secvec_core.inference import VectorLeakError, assert_no_vector, read_artifact_metadata
+        from workflows.models import load_vector
 
         with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp,
-                                                        tracking_uri=self.tracking_uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp,
+                                                             tracking_uri=self.tracking_uri))
             try:
-                assert_no_vector(local)
+                refuse_pickle_files(local)
+                meta = read_artifact_metadata(local)
+                if sha256_file(local / meta["weights_file"]) != meta["weights_sha256"]:
+                    raise ValueError(f"{meta['weights_file']} does not match its recorded checksum (modified "
+                                     "after training); retrain and re-evaluate")
+                vectors = [load_vector(ref, self.tracking_uri, str(Path(tmp) / "vectors"))
+                           for ref in json.loads(version.tags.get("secvec.guarded_by", "[]"))]
+                assert_no_vector(local, vectors)
             except VectorLeakError as err:
                 self.tag(version, {"secvec.vector_free": "false"})
+                raise RegistryError(f"{version.uri}: refusing to promote: {err}") from None
+            except (ValueError, FileNotFoundError, KeyError) as err:
                 raise RegistryError(f"{version.uri}: refusing to promote: {err}") from None
         self.tag(version, {"secvec.vector_free": "true"})
 

@@ -223,15 +223,21 @@ class SpecError(ValueError):
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: {err.error_count()} problem(s) in the spec"]
+    """One line per problem (``source: path: what is wrong (the value given / the fix)``); a single problem
+    gives a single line."""
+    problems = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _STAGE_TAGS)) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         hint = _HINTS.get(e["type"], "")
         if e["type"] == "extra_forbidden":
             hint = f" (unknown key '{e['loc'][-1]}'; check spelling, see `secvec schema`)"
-        lines.append(f"  - {path}: {msg}{hint}")
-    return "\n".join(lines)
+        elif not hint and e["type"] != "value_error" and not isinstance(e.get("input"), dict | list):
+            hint = f" (got {e.get('input')!r})"
+        problems.append(f"{path}: {msg}{hint}")
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    return "\n".join([f"{source}: {len(problems)} problems in the spec", *(f"  - {p}" for p in problems)])
 
 
 _STAGE_TAGS = {"alignment", "vector_training", "guarded_finetune", "evaluation"}

@@ -43,6 +43,8 @@ class StageContext:
     checkpoint_every: int
     work_dir: str
     trust_remote_code: bool = False
+    retry_seconds: float | None = None  # the driver's $SECVEC_MLFLOW_RETRY_SECONDS when the stage started
+    fault_kill_at_step: str | None = None  # the driver's $SECVEC_FAULT_KILL_AT_STEP (fault-injection tests)
 
     def spec(self):
         return TypeAdapter(Stage).validate_python(self.stage)
@@ -53,6 +55,10 @@ def stage_worker(config: dict) -> None:
     import ray.train
 
     ctx = StageContext(**config)
+    if ctx.retry_seconds is not None:
+        from workflows.tracking import RETRY_ENV
+
+        os.environ[RETRY_ENV] = str(ctx.retry_seconds)
     world = ray.train.get_context()
     rank = world.get_world_rank()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, world.get_local_world_size())))
@@ -89,6 +95,10 @@ class _StageWorker:
             if self.resume_state is None:
                 self.mlflow.log_params({"stage": ctx.stage, "base_model": ctx.base_source,
                                         "vectors": ctx.vector_refs, "candidate": ctx.candidate_uri or ""})
+            else:  # a restarted worker group: record where training continued
+                resumed = int(self.resume_state["step"])
+                self.mlflow.set_tags({"secvec.resumed_from_step": str(resumed)})
+                self.mlflow.log_metrics({"resumed_from_step": resumed}, step=resumed)
 
     # -- progress and checkpoints --------------------------------------------------------------------
     def hooks(self):
@@ -103,6 +113,7 @@ class _StageWorker:
         def on_log(step: int, metrics: dict) -> None:
             import ray.train
 
+            self._maybe_inject_fault(step)
             if self.mlflow:
                 self.mlflow.log_metrics(metrics, step=step)
             checkpoint = None
@@ -115,6 +126,23 @@ class _StageWorker:
 
         return TrainingHooks(on_log=on_log, on_checkpoint=on_checkpoint, checkpoint_every=self.ctx.checkpoint_every,
                              resume_from=self.resume_state)
+
+    def _maybe_inject_fault(self, step: int) -> None:
+        """Fault injection for tests: ``SECVEC_FAULT_KILL_AT_STEP=N[:RANK]`` kills worker RANK (default 0) at
+        its first report at or after step N, before that report's checkpoint is saved. A marker file in the work
+        dir makes it fire once per stage, so the restarted worker group resumes from the previous checkpoint."""
+        if not self.ctx.fault_kill_at_step:
+            return
+        at_step, _, rank = self.ctx.fault_kill_at_step.partition(":")
+        if self.rank != int(rank or 0) or step < int(at_step):
+            return
+        marker = Path(self.ctx.work_dir) / "faults" / f"killed-{self.ctx.stage_hash.removeprefix('sha256:')[:16]}"
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"killed rank {self.rank} of stage {self.spec.name} at step {step}\n")
+        logger.warning("fault injection: killing worker rank %d at step %d", self.rank, step)
+        os._exit(1)
 
     def finish(self, output: dict, artifact_dir: Path | None = None) -> None:
         """Report the final result; rank 0 attaches the output record (and artifact) as a checkpoint."""
@@ -134,8 +162,12 @@ class _StageWorker:
 
     # -- stages --------------------------------------------------------------------------------------
     def run(self) -> None:
+        from workflows.tracking import TrackingUnavailableError
+
         try:
             getattr(self, f"_run_{self.spec.kind}")()
+        except TrackingUnavailableError:
+            raise  # marking the run failed would wait out another retry budget against the same dead server
         except BaseException:
             if self.mlflow:
                 try:

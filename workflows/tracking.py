@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,8 +20,23 @@ from typing import TypeVar
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SECRET_WORDS = ("password", "secret", "token", "access_key", "credential")
-RETRY_SECONDS = float(os.environ.get("SECVEC_MLFLOW_RETRY_SECONDS", "60"))
+SECRET_WORDS = ("password", "passwd", "secret", "accesskey", "apikey", "privatekey", "credential")
+RETRY_ENV = "SECVEC_MLFLOW_RETRY_SECONDS"
+RETRY_SECONDS = 60.0
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*):[^/\s]*@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<key>[?&][^=&\s]*(?:password|secret|token|access_key|credential|signature)"
+                           r"[^=&\s]*=)[^&\s]*")
+
+
+def retry_budget() -> float:
+    """Seconds one MLflow call may keep retrying: ``$SECVEC_MLFLOW_RETRY_SECONDS`` (read at call time), else 60."""
+    return float(os.environ.get(RETRY_ENV, RETRY_SECONDS))
+
+
+def redact(text: str) -> str:
+    """Hide credentials: ``scheme://user:pw@host`` -> ``scheme://user:***@host``, and secret query values."""
+    text = _URI_PASSWORD.sub(lambda m: f"{m['head']}:***@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -31,7 +47,7 @@ def with_retries(fn: Callable[[], T], what: str, tracking_uri: str, budget_s: fl
     """Call ``fn`` until it succeeds or ``budget_s`` passes (exponential backoff with jitter)."""
     from mlflow.exceptions import MlflowException
 
-    budget = RETRY_SECONDS if budget_s is None else budget_s
+    budget = retry_budget() if budget_s is None else budget_s
     deadline = time.monotonic() + budget
     delay = 0.5
     while True:
@@ -46,19 +62,33 @@ def with_retries(fn: Callable[[], T], what: str, tracking_uri: str, budget_s: fl
             last = err
         if time.monotonic() + delay > deadline:
             raise TrackingUnavailableError(
-                f"MLflow at {tracking_uri} did not answer while trying to {what} for {budget:.0f}s "
-                f"({type(last).__name__}: {str(last)[:160]}); check the server and rerun the pipeline "
+                f"MLflow at {redact(tracking_uri)} did not answer while trying to {what} for {budget:.0f}s "
+                f"({_describe(last)}); check the server and rerun the pipeline "
                 "(finished stages are reused)") from None
         logger.warning("MLflow %s failed (%s); retrying in %.1fs", what, type(last).__name__, delay)
         time.sleep(delay + random.uniform(0, delay / 4))
         delay = min(delay * 2, 8.0)
 
 
+def _describe(err: BaseException) -> str:
+    text = redact(str(err))
+    for symptom in ("Connection refused", "timed out", "Name or service not known", "Temporary failure in name"):
+        if symptom in text:
+            return f"{type(err).__name__}: {symptom.lower()}"
+    return f"{type(err).__name__}: {text[:160]}"
+
+
+def is_secret_key(key: str) -> bool:
+    """``db_password``, ``aws_secret_access_key``, ``accessKey``, ``auth_token``: yes; ``max_new_tokens``: no."""
+    compact = re.sub(r"[^a-z0-9]", "", str(key).lower())
+    return any(w in compact for w in SECRET_WORDS) or compact.endswith("token")
+
+
 def flatten(data: dict, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """Nested spec -> ``a.b.c`` params; secret-looking keys are never logged."""
+    """Nested spec -> ``a.b.c`` params; secret-looking keys are never logged, passwords in URIs are redacted."""
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if any(w in key.lower() for w in SECRET_WORDS):
+        if is_secret_key(key):
             continue
         if isinstance(value, dict):
             yield from flatten(value, f"{name}.")
@@ -67,7 +97,7 @@ def flatten(data: dict, prefix: str = "") -> Iterator[tuple[str, str]]:
                 yield from flatten(v, f"{name}.{i}.")
         else:
             text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
-            yield name, text[:500]
+            yield name, redact(text)[:500]
 
 
 def configure_http_retries() -> None:
@@ -115,19 +145,20 @@ class StageRun:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         with_retries(lambda: self.client.log_batch(self.run_id, metrics=items), "log metrics", self.tracking_uri)
 
-    def set_tags(self, tags: dict[str, str]) -> None:
+    def set_tags(self, tags: dict[str, str], budget_s: float | None = None) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        with_retries(lambda: self.client.log_batch(self.run_id, tags=items), "set tags", self.tracking_uri)
+        items = [RunTag(k, redact(str(v))) for k, v in tags.items()]
+        with_retries(lambda: self.client.log_batch(self.run_id, tags=items), "set tags", self.tracking_uri, budget_s)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> str:
         with_retries(lambda: self.client.log_artifacts(self.run_id, str(local_dir), artifact_path),
                      f"upload {artifact_path}", self.tracking_uri)
         return f"{self.artifact_uri}/{artifact_path}"
 
-    def finish(self, status: str = "FINISHED") -> None:
-        with_retries(lambda: self.client.set_terminated(self.run_id, status), "close the run", self.tracking_uri)
+    def finish(self, status: str = "FINISHED", budget_s: float | None = None) -> None:
+        with_retries(lambda: self.client.set_terminated(self.run_id, status), "close the run", self.tracking_uri,
+                     budget_s)
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None) -> str:
