@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from secvec_core.data import Example, collate, encode_prompts, to_examples, tokenize_examples
-from secvec_core.training import response_loss
+from secvec_core.training import response_loss, to_device
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        batch = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_tokens)
+        batch = to_device(encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_tokens), model)
         generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         new = generated[:, batch["input_ids"].shape[1] :]
@@ -164,7 +164,7 @@ def heldout_loss(model: nn.Module, tokenizer, examples: Sequence[Example | dict]
     model.eval()
     total, weight = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size], pad)
+        batch = to_device(collate(rows[start : start + batch_size], pad), model)
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(response_loss(model, batch)) * n
         weight += n

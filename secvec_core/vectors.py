@@ -32,7 +32,7 @@ from secvec_core.artifacts import (
 from secvec_core.config import SecurityVectorConfig, TrainingConfig
 from secvec_core.data import Example, collate, dataset_hash, to_examples, tokenize_examples
 from secvec_core.fingerprint import model_fingerprint
-from secvec_core.training import TrainingHistory, TrainingHooks, train_loop
+from secvec_core.training import TrainingHistory, TrainingHooks, to_device, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def train_security_vector(
             def extra(m):
                 idx = torch.randint(len(benign_rows), (min(training.batch_size, len(benign_rows)),),
                                     generator=generator).tolist()
-                return training.kl_weight * _kl_on_benign(m, collate([benign_rows[i] for i in idx], pad))
+                return training.kl_weight * _kl_on_benign(m, to_device(collate([benign_rows[i] for i in idx], pad), m))
 
         history: TrainingHistory = train_loop(
             peft_model, rows, pad, training, extra_loss=extra, stop_below=training.target_loss,
