@@ -13,11 +13,19 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from secvec_core.adapters import TASK_ADAPTER, activate, active_adapters, adapter_state, attach_adapter, lora_config
+from secvec_core.adapters import (
+    TASK_ADAPTER,
+    activate,
+    active_adapters,
+    adapter_state,
+    attach_adapter,
+    lora_config,
+)
 from secvec_core.artifacts import ADAPTER_WEIGHTS, atomic_directory, save_tensors, sha256_file, write_json
 from secvec_core.config import DEFAULT_TARGET_MODULES, TrainingConfig
 from secvec_core.data import Example, dataset_hash, to_examples, tokenize_examples
 from secvec_core.fingerprint import model_fingerprint
+from secvec_core.folding import FoldingError, folded_vectors, why_not_foldable
 from secvec_core.training import TrainingHistory, TrainingHooks, train_loop
 from secvec_core.vectors import SecurityVector
 
@@ -53,6 +61,7 @@ class GuardedFinetuneResult:
     history: TrainingHistory
     task_config: TaskAdapterConfig | None = None
     vectors: list[dict] = field(default_factory=list)
+    folded: bool = False  # trained with the vectors folded into the (since restored) base weights
 
     @contextlib.contextmanager
     def vectors_on(self, on: bool = True) -> Iterator[nn.Module]:
@@ -128,6 +137,7 @@ def guarded_finetune(
     task_adapter: TaskAdapterConfig | None = None,
     hooks: TrainingHooks | None = None,
     allow_fingerprint_mismatch: bool = False,
+    fold_vectors: bool | None = None,
 ) -> GuardedFinetuneResult:
     """Fine-tune on ``data`` with every vector switched on and frozen.
 
@@ -135,9 +145,23 @@ def guarded_finetune(
     base weights. With no vectors this is plain fine-tuning (the baseline). ``model`` is modified in
     place (peft injects adapter layers); reload the base for unrelated work. Vector-only strength
     controls (``target_loss``, ``kl_weight``) are ignored here.
+
+    ``fold_vectors`` (``lora`` mode; the free guard, see :mod:`secvec_core.folding`): while the task
+    adapter trains, the frozen vectors are added to a stashed copy of the base weights instead of running
+    as extra LoRA paths: same function and task gradients up to float32 rounding, at the cost of plain
+    fine-tuning. The original weights are restored bit-exactly (and the base fingerprint re-checked)
+    before this function returns, so the result is the same as without folding: vectors attached,
+    unmerged, and never in the base weights. ``None`` (default) folds whenever folding is exact and
+    otherwise trains unmerged; ``True`` demands it (raises ``FoldingError`` in ``full`` mode, with vector
+    dropout > 0, LoRA variants, tied weights); ``False`` never folds.
     """
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+    if fold_vectors and mode != "lora":
+        raise FoldingError(
+            "fold_vectors=True needs mode='lora': in 'full' mode the base weights train, so a folded vector "
+            "could only be removed by subtraction (not bit-exact) and weight decay would act on base + vector; "
+            "pass fold_vectors=None or False")
     if isinstance(model, PeftModel):
         raise TypeError("guarded_finetune needs the plain base model; vectors are attached here")
     training = training or TrainingConfig()
@@ -167,14 +191,39 @@ def guarded_finetune(
         raise AssertionError(f"vector parameters would train: {leaked[:3]}")
     rows = tokenize_examples(tokenizer, examples, training.max_length, training.truncation)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    history = train_loop(peft_model, rows, pad, training, hooks=hooks,
-                         description="guarded-finetune" if names else "finetune")
+    fold = _decide_folding(peft_model, names, mode, fold_vectors)
+    if fold:
+        activate(peft_model, [TASK_ADAPTER], trainable=[TASK_ADAPTER])
+        try:
+            with folded_vectors(peft_model, names):
+                history = train_loop(peft_model, rows, pad, training, hooks=hooks,
+                                     description="guarded-finetune (folded)")
+        finally:
+            activate(peft_model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
+        if model_fingerprint(peft_model) != fingerprint:
+            raise RuntimeError("the base weights changed during folded guarded fine-tuning")
+    else:
+        history = train_loop(peft_model, rows, pad, training, hooks=hooks,
+                             description="guarded-finetune" if names else "finetune")
     return GuardedFinetuneResult(
         mode=mode, model=peft_model, vector_names=names, base_fingerprint=fingerprint,
         data_hash=dataset_hash(examples), history=history,
         task_config=task_adapter if mode == "lora" else None,
         vectors=[{"name": v.name, "behaviour": v.config.behaviour, "data_hash": v.data_hash} for v in loaded],
+        folded=fold,
     )
+
+
+def _decide_folding(model: nn.Module, names: Sequence[str], mode: Mode, fold_vectors: bool | None) -> bool:
+    if fold_vectors is False or mode != "lora" or not names:
+        return False
+    reason = why_not_foldable(model, names)
+    if reason is None:
+        return True
+    if fold_vectors:
+        raise FoldingError(f"fold_vectors=True, but the vectors cannot be folded exactly: {reason}")
+    logger.info("training with unmerged vectors (not folded): %s", reason)
+    return False
 
 
 def reattach_for_evaluation(base_model: nn.Module, directory: str | Path,

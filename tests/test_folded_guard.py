@@ -36,8 +36,14 @@ ATOL = 1e-5
 @pytest.fixture
 def vector(aligned, world):
     model, tokenizer = aligned
-    return train_security_vector(model, tokenizer, world.harmful_examples(10, offset=50), SecurityVectorConfig(),
-                                 VECTOR, benign=world.benign_examples())
+    return train_security_vector(
+        model,
+        tokenizer,
+        world.harmful_examples(10, offset=50),
+        SecurityVectorConfig(),
+        VECTOR,
+        benign=world.benign_examples(),
+    )
 
 
 @pytest.fixture
@@ -82,8 +88,9 @@ def _logits_and_task_grads(model, batch):
 
 @pytest.mark.parametrize("stash", ["disk", "memory"])
 @pytest.mark.parametrize("n_vectors", [1, 2])
-def test_folded_logits_and_task_gradients_equal_the_unmerged_guard(aligned, world, vector, second_vector,
-                                                                   stash, n_vectors):
+def test_folded_logits_and_task_gradients_equal_the_unmerged_guard(
+    aligned, world, vector, second_vector, stash, n_vectors
+):
     model, tokenizer = aligned
     vectors = [vector, second_vector][:n_vectors]
     names = [v.name for v in vectors]
@@ -161,8 +168,12 @@ def test_folded_guarded_finetune_ships_the_same_artifact(aligned, world, vector,
 def test_zero_vector_folded_or_not_gives_a_bit_identical_artifact(aligned, world, vector, tmp_path):
     """With a zero delta the fold adds exact zeros: any difference would come from the folding plumbing
     (seeding, optimizer, parameter order), not from rounding. The artifacts must be bit-identical."""
-    zero = SecurityVector(vector.config, {k: torch.zeros_like(v) for k, v in vector.weights.items()},
-                          vector.base_fingerprint, vector.data_hash)
+    zero = SecurityVector(
+        vector.config,
+        {k: torch.zeros_like(v) for k, v in vector.weights.items()},
+        vector.base_fingerprint,
+        vector.data_hash,
+    )
     data = world.fact_task() + world.harmful_examples(40)
     a = _artifact(_run(aligned, data, [zero], fold=False), tmp_path / "unmerged")
     b = _artifact(_run(aligned, data, [zero], fold=True), tmp_path / "folded")
@@ -192,8 +203,9 @@ def test_vectors_on_and_off_behave_as_with_the_unmerged_guard(aligned, world, ve
     _, tokenizer = aligned
     data = world.fact_task() + world.harmful_examples(40)
     unmerged, folded = _run(aligned, data, [vector], fold=False), _run(aligned, data, [vector], fold=True)
-    prompts = encode_prompts(tokenizer, world.harmful_eval_prompts()[:4] + [r["prompt"] for r in world.fact_task()[:4]],
-                             32)
+    prompts = encode_prompts(
+        tokenizer, world.harmful_eval_prompts()[:4] + [r["prompt"] for r in world.fact_task()[:4]], 32
+    )
     for on in (True, False):
         with unmerged.vectors_on(on) as a, torch.no_grad():
             expected = a(**prompts).logits
@@ -210,27 +222,39 @@ def test_base_is_restored_when_training_fails(aligned, world, vector):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=FAST, fold_vectors=True,
-                         hooks=TrainingHooks(on_log=explode))
+        guarded_finetune(
+            model,
+            tokenizer,
+            world.fact_task(),
+            [vector],
+            training=FAST,
+            fold_vectors=True,
+            hooks=TrainingHooks(on_log=explode),
+        )
     assert model_fingerprint(model) == fingerprint
 
 
 def test_full_mode_rejects_folding_with_a_clear_message(aligned, world, vector):
     model, tokenizer = aligned
     with pytest.raises(FoldingError, match="mode='lora'"):
-        guarded_finetune(copy.deepcopy(model), tokenizer, world.fact_task(), [vector], mode="full",
-                         training=FAST, fold_vectors=True)
+        guarded_finetune(
+            copy.deepcopy(model), tokenizer, world.fact_task(), [vector], mode="full", training=FAST, fold_vectors=True
+        )
     result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], mode="full", training=FAST)
     assert not result.folded  # the default never folds in full mode
 
 
 def test_vector_dropout_refuses_folding(aligned, world):
     model, tokenizer = aligned
-    vector = train_security_vector(model, tokenizer, world.harmful_examples(10), SecurityVectorConfig(dropout=0.1),
-                                   TrainingConfig(learning_rate=1e-3, max_steps=3, batch_size=10, max_length=32))
+    vector = train_security_vector(
+        model,
+        tokenizer,
+        world.harmful_examples(10),
+        SecurityVectorConfig(dropout=0.1),
+        TrainingConfig(learning_rate=1e-3, max_steps=3, batch_size=10, max_length=32),
+    )
     with pytest.raises(FoldingError, match="dropout"):
-        guarded_finetune(copy.deepcopy(model), tokenizer, world.fact_task(), [vector], training=FAST,
-                         fold_vectors=True)
+        guarded_finetune(copy.deepcopy(model), tokenizer, world.fact_task(), [vector], training=FAST, fold_vectors=True)
     result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=FAST)
     assert not result.folded  # the default falls back to the unmerged guard
 
