@@ -20,12 +20,12 @@ demo: install
 	$(VENV)/bin/secvec demo
 
 test: install
-	$(VENV)/bin/ruff check secvec_core workflows tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check secvec_core workflows tests benchmarks
-	$(VENV)/bin/ruff format --check secvec_core workflows tests benchmarks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .secvec
