@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_model_loading import write_tiny_gguf  # pytest puts tests/ on sys.path
+from tests.test_model_loading import write_tiny_gguf
 from typer.testing import CliRunner
 
 from workflows import assets
