@@ -12,9 +12,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from tests.test_model_loading import write_tiny_gguf
 from typer.testing import CliRunner
 
+from tests.test_model_loading import write_tiny_gguf
 from workflows import assets
 from workflows.assets import (
     MODEL_METADATA_FILE,
