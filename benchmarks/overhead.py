@@ -1,8 +1,8 @@
 """Overhead benchmark: guarded versus plain fine-tuning, same model, same data, same batches.
 
     python benchmarks/overhead.py                                   # tiny model (fast)
-    nice -n 10 python benchmarks/overhead.py --model smollm2 --steps 6 --warmup 1 --rounds 2 \\
-        --batch-size 4 --max-length 64
+    nice -n 10 python benchmarks/overhead.py --model smollm2 --steps 5 --warmup 1 --rounds 4 \\
+        --batch-size 4 --max-length 64 --memory-steps 2
 
 Variants: ``lora`` mode plain (task adapter only), guarded with the vector unmerged (``fold_vectors=False``)
 and guarded with the vector folded (``fold_vectors=True``, the free guard); ``full`` mode plain and guarded
@@ -14,9 +14,10 @@ Every step is timed (``TrainingHooks.on_log`` at every step); the first ``--warm
 dropped. Reported: the median step time per variant over all rounds and, as the headline ratio, the
 median over rounds of (guarded median / plain median in the same round), measured side by side.
 
-**Peak memory**: each variant runs once more in a fresh subprocess (same data and steps). The peak RSS
-counter (``VmHWM``) is reset through ``/proc/self/clear_refs`` right before ``guarded_finetune`` and read
-after it, so the peak covers attaching, folding, training and restoring, with the loaded model included.
+**Peak memory**: each variant runs ``--memory-rounds`` more times, each in a fresh subprocess (same data;
+the median is reported). The peak RSS counter (``VmHWM``) is reset through ``/proc/self/clear_refs`` right
+before ``guarded_finetune`` and read after it, so the peak covers attaching, folding, training and restoring, with the loaded model included.
+Children run with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so freed tensors leave RSS.
 Reported: peak RSS ratio (the target) and the ratio of growth above the loaded model (stricter). Python's
 ``tracemalloc`` is not used: it does not see torch's allocations. The folded guard stashes the original
 base weights on disk (not counted in RSS; it costs disk writes, included in the run time shown).
@@ -173,7 +174,9 @@ def measure_memory(variant: str, vector_dir: Path, args) -> dict:
         "--child-vector",
         str(vector_dir),
     ]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # A fixed mmap threshold makes glibc return freed tensors to the OS at once, so the peak RSS follows live
+    # memory instead of the allocator's caching (which varied by hundreds of MB between identical runs).
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory child for {variant} failed:\n{out.stderr[-3000:]}")
@@ -229,8 +232,9 @@ def markdown(summary: dict, info: dict, wall: float, args, description: str) -> 
         provenance_markdown(info, wall),
         "",
         f"Batch {args.batch_size} x {args.max_length} tokens, {args.steps} timed steps after {args.warmup} "
-        f"warm-up per run, {args.rounds} interleaved rounds; memory from one fresh process per variant "
-        f"({args.memory_steps} steps, peak RSS reset before `guarded_finetune`).",
+        f"warm-up per run, {args.rounds} interleaved rounds; memory: median of {args.memory_rounds} fresh "
+        f"processes per variant ({args.memory_steps} steps, peak RSS reset before `guarded_finetune`, glibc "
+        "`MALLOC_MMAP_THRESHOLD_=131072`).",
         "",
         "| variant | median step (s) | run incl. setup (s) | peak RSS (MB) | growth above loaded model (MB) |",
         "|---|---|---|---|---|",
@@ -270,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--memory-steps", type=int, default=4, help="steps per memory subprocess")
+    parser.add_argument("--memory-rounds", type=int, default=3, help="fresh processes per variant (median)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -330,9 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_memory:
         with tempfile.TemporaryDirectory(prefix="secvec-overhead-") as tmp:
             vector.save(Path(tmp) / "vector")
-            for variant in [v for group in groups for v in group]:
-                memory[variant] = [measure_memory(variant, Path(tmp) / "vector", args)]
-                print(f"memory {variant}: {memory[variant][0]}", file=sys.stderr)
+            variants = [v for group in groups for v in group]
+            for round_index in range(args.memory_rounds):
+                for variant in variants[round_index % len(variants) :] + variants[: round_index % len(variants)]:
+                    memory.setdefault(variant, []).append(measure_memory(variant, Path(tmp) / "vector", args))
+                    print(f"memory {variant}: {memory[variant][-1]}", file=sys.stderr)
     summary = summarise(times, memory)
     wall = time.time() - started
     text = markdown(summary, info, wall, args, description)

@@ -152,6 +152,10 @@ class _WeightStash:
         if hashlib.sha256(restored.numpy().data).hexdigest() != self._digests[key]:
             raise RuntimeError("a restored base weight differs from its stashed original")
 
+    @property
+    def location(self) -> str:
+        return str(self._directory) if self._directory is not None else "memory"
+
     def close(self) -> None:
         self._memory.clear()
         if self._directory is not None:
@@ -203,7 +207,16 @@ def folded_vectors(
         )
         yield model
     finally:
+        failed = []
         with torch.no_grad():
             for index in folded:
-                store.restore(index, weights[index])
+                try:
+                    store.restore(index, weights[index])
+                except Exception as error:  # restore every other weight before reporting
+                    failed.append(f"{layers[index][0]}: {error}")
+        if failed:  # keep the stash so the originals can still be recovered by hand
+            raise RuntimeError(
+                f"could not restore {len(failed)} base weight(s) after folding (stash kept at "
+                f"{store.location}): {failed[:3]}"
+            )
         store.close()

@@ -149,8 +149,8 @@ def guarded_finetune(
     ``fold_vectors`` (``lora`` mode; the free guard, see :mod:`secvec_core.folding`): while the task
     adapter trains, the frozen vectors are added to a stashed copy of the base weights instead of running
     as extra LoRA paths: same function and task gradients up to float32 rounding, at the cost of plain
-    fine-tuning. The original weights are restored bit-exactly (and the base fingerprint re-checked)
-    before this function returns, so the result is the same as without folding: vectors attached,
+    fine-tuning. The original weights are restored bit-exactly (each checked against its sha256) before
+    this function returns, so the result is the same as without folding: vectors attached,
     unmerged, and never in the base weights. ``None`` (default) folds whenever folding is exact and
     otherwise trains unmerged; ``True`` demands it (raises ``FoldingError`` in ``full`` mode, with vector
     dropout > 0, LoRA variants, tied weights); ``False`` never folds.
@@ -198,10 +198,8 @@ def guarded_finetune(
             with folded_vectors(peft_model, names):
                 history = train_loop(peft_model, rows, pad, training, hooks=hooks,
                                      description="guarded-finetune (folded)")
-        finally:
+        finally:  # folded_vectors restored every folded weight and checked it against its sha256
             activate(peft_model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
-        if model_fingerprint(peft_model) != fingerprint:
-            raise RuntimeError("the base weights changed during folded guarded fine-tuning")
     else:
         history = train_loop(peft_model, rows, pad, training, hooks=hooks,
                              description="guarded-finetune" if names else "finetune")

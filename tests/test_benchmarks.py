@@ -67,6 +67,8 @@ def test_overhead_on_the_tiny_model(tmp_path):
         "2",
         "--memory-steps",
         "2",
+        "--memory-rounds",
+        "1",
         "--out-dir",
         str(results),
         cwd=tmp_path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,3 +274,32 @@ def test_folding_refuses_active_vectors_and_tied_weights(aligned, vector, tiny):
     head_vector = SecurityVector(config, {}, model_fingerprint(tied), "sha256:none")
     peft_model = attach_adapter(tied, head_vector.name, head_vector.lora_config())
     assert "tied" in why_not_foldable(peft_model, [head_vector.name])
+
+
+def test_a_failed_restore_restores_the_other_weights_and_keeps_the_stash(aligned, vector, monkeypatch):
+    import shutil
+
+    from secvec_core import folding
+
+    model, _ = aligned
+    before = _base_state(model)
+    model = _guarded_model(model, [vector])
+    activate(model, [TASK_ADAPTER], trainable=[TASK_ADAPTER])
+    restore = folding._WeightStash.restore
+    kept = []
+
+    def flaky(self, key, weight):
+        kept.append(self.location)
+        if key == 0:
+            raise OSError("disk gone")
+        restore(self, key, weight)
+
+    monkeypatch.setattr(folding._WeightStash, "restore", flaky)
+    with pytest.raises(RuntimeError, match="could not restore 1 base weight"):
+        with folded_vectors(model, [vector.name]):
+            pass
+    after = _base_state(model)
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    assert len(changed) == 1  # only the weight whose restore failed still holds the delta
+    assert Path(kept[0]).is_dir() and (Path(kept[0]) / "0.bin").is_file()
+    shutil.rmtree(kept[0])
