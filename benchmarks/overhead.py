@@ -12,7 +12,9 @@ and guarded with the vector folded (``fold_vectors=True``, the free guard); ``fu
 mode once, in an order rotated per round) so slow phases of a shared machine hit all variants alike.
 Every step is timed (``TrainingHooks.on_log`` at every step); the first ``--warmup`` steps of each run are
 dropped. Reported: the median step time per variant over all rounds and, as the headline ratio, the
-median over rounds of (guarded median / plain median in the same round), measured side by side.
+median over rounds of (guarded median / plain median in the same round), measured side by side. The
+same ratio of process CPU time per step is shown as a cross-check that other jobs on the machine disturb
+less than wall-clock time.
 
 **Peak memory**: each variant runs ``--memory-rounds`` more times, each in a fresh subprocess (same data;
 the median is reported). The peak RSS counter (``VmHWM``) is reset through ``/proc/self/clear_refs`` right
@@ -95,7 +97,13 @@ def training_config(args, steps: int) -> TrainingConfig:
 def run_variant(variant: str, base, tokenizer, data, vector, args, steps: int) -> dict:
     mode, guarded, fold = VARIANTS[variant]
     stamps: list[float] = []
-    hooks = TrainingHooks(on_log=lambda step, metrics: stamps.append(time.perf_counter()))
+    cpu: list[float] = []  # process CPU time (all threads): less sensitive to other jobs on a shared machine
+
+    def stamp(step, metrics):
+        stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
+
+    hooks = TrainingHooks(on_log=stamp)
     started = time.perf_counter()
     result = guarded_finetune(
         base,
@@ -111,7 +119,9 @@ def run_variant(variant: str, base, tokenizer, data, vector, args, steps: int) -
     if result.folded != fold:
         raise RuntimeError(f"{variant}: expected folded={fold}, got {result.folded}")
     durations = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]  # step k's time = stamp k - stamp k-1
-    return {"step_seconds": durations[max(args.warmup - 1, 0) :], "run_seconds": total}
+    cpu_durations = [b - a for a, b in zip(cpu[:-1], cpu[1:], strict=True)]
+    skip = max(args.warmup - 1, 0)
+    return {"step_seconds": durations[skip:], "step_cpu_seconds": cpu_durations[skip:], "run_seconds": total}
 
 
 # --- memory: one fresh process per variant ------------------------------------------------------
@@ -193,6 +203,7 @@ def summarise(times: dict[str, list[dict]], memory: dict[str, list[dict]]) -> di
         mem = memory.get(variant, [])
         summary["variants"][variant] = {
             "median_step_seconds": statistics.median(steps),
+            "median_step_cpu_seconds": statistics.median(s for run in runs for s in run["step_cpu_seconds"]),
             "steps_timed": len(steps),
             "median_run_seconds": statistics.median(r["run_seconds"] for r in runs),
             "peak_rss_mb": statistics.median(m["peak_rss_mb"] for m in mem) if mem else None,
@@ -205,6 +216,10 @@ def summarise(times: dict[str, list[dict]], memory: dict[str, list[dict]]) -> di
             statistics.median(g["step_seconds"]) / statistics.median(p["step_seconds"])
             for g, p in zip(times[guarded], times[plain], strict=True)
         ]
+        paired_cpu = [
+            statistics.median(g["step_cpu_seconds"]) / statistics.median(p["step_cpu_seconds"])
+            for g, p in zip(times[guarded], times[plain], strict=True)
+        ]
         g, p = summary["variants"][guarded], summary["variants"][plain]
         row = {
             "guarded": guarded,
@@ -213,6 +228,7 @@ def summarise(times: dict[str, list[dict]], memory: dict[str, list[dict]]) -> di
             "step_time_ratio": statistics.median(paired),
             "step_time_ratio_per_round": paired,
             "step_time_ratio_pooled": g["median_step_seconds"] / p["median_step_seconds"],
+            "step_cpu_time_ratio": statistics.median(paired_cpu),
             "peak_memory_ratio": g["peak_rss_mb"] / p["peak_rss_mb"] if g["peak_rss_mb"] else None,
             "growth_ratio": g["growth_mb"] / p["growth_mb"] if g["growth_mb"] and p["growth_mb"] > 0 else None,
         }
@@ -236,19 +252,21 @@ def markdown(summary: dict, info: dict, wall: float, args, description: str) -> 
         f"processes per variant ({args.memory_steps} steps, peak RSS reset before `guarded_finetune`, glibc "
         "`MALLOC_MMAP_THRESHOLD_=131072`).",
         "",
-        "| variant | median step (s) | run incl. setup (s) | peak RSS (MB) | growth above loaded model (MB) |",
-        "|---|---|---|---|---|",
+        "| variant | median step (s) | median step CPU time (s) | run incl. setup (s) | peak RSS (MB) | "
+        "growth above loaded model (MB) |",
+        "|---|---|---|---|---|---|",
     ]
     for variant, v in summary["variants"].items():
         lines.append(
-            f"| {variant} | {f(v['median_step_seconds'])} | {f(v['median_run_seconds'], 2)} | "
+            f"| {variant} | {f(v['median_step_seconds'])} | {f(v['median_step_cpu_seconds'])} | "
+            f"{f(v['median_run_seconds'], 2)} | "
             f"{f(v['peak_rss_mb'], 0)} | {f(v['growth_mb'], 0)} |"
         )
     lines += [
         "",
         "| guarded vs plain | step time ratio (side by side, median of rounds) | pooled | per round | "
-        "peak memory ratio | growth ratio | target | met? |",
-        "|---|---|---|---|---|---|---|---|",
+        "CPU-time ratio (median of rounds) | peak memory ratio | growth ratio | target | met? |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in summary["comparisons"]:
         verdict = []
@@ -258,7 +276,7 @@ def markdown(summary: dict, info: dict, wall: float, args, description: str) -> 
         lines.append(
             f"| {c['guarded']} vs {c['plain']} | {f(c['step_time_ratio'])} | "
             f"{f(c['step_time_ratio_pooled'])} | {', '.join(f(x, 2) for x in c['step_time_ratio_per_round'])} | "
-            f"{f(c['peak_memory_ratio'])} | {f(c['growth_ratio'])} | <= {c['target']:.2f} | "
+            f"{f(c['step_cpu_time_ratio'])} | {f(c['peak_memory_ratio'])} | {f(c['growth_ratio'])} | <= {c['target']:.2f} | "
             f"{', '.join(verdict)} |"
         )
     return "\n".join(lines)
