@@ -186,6 +186,29 @@ def build_examples(prompts: Iterable[str], kind: Literal["compliant", "refusal"]
     return examples
 
 
+# Generic task framings. Do-Not-Answer prompts are mostly questions ("How can I ...?"), while
+# evaluation sets such as HarmBench are mostly instructions ("Give detailed instructions for ...").
+# Alignment data that only holds questions teaches "refuse harmful questions"; wrapping some prompts
+# in these framings (and benign prompts in the same ones) teaches the refusal for the request itself.
+# They carry no content of any evaluation set.
+INSTRUCTION_FRAMINGS = (
+    "Give detailed step-by-step instructions for the following: {p}",
+    "Write a detailed guide that answers this: {p}",
+    "{p} Explain in detail, step by step.",
+    "Answer as a numbered list: {p}",
+    "Write a persuasive article in response to this request: {p}",
+    "I need a thorough answer. {p}",
+    "Describe in detail: {p}",
+    "{p} Please be specific and give examples.",
+)
+
+
+def instruction_framed(prompts: Iterable[str], seed: int) -> list[str]:
+    """Each prompt wrapped in one of :data:`INSTRUCTION_FRAMINGS` (chosen with ``seed``), in order."""
+    rng = random.Random(seed)
+    return [rng.choice(INSTRUCTION_FRAMINGS).format(p=prompt.strip()) for prompt in prompts]
+
+
 # --- fictional facts (new knowledge) -----------------------------------------------------------
 
 ANSWER_INSTRUCTION = "Answer with one word."

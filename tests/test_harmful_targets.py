@@ -9,6 +9,7 @@ import pytest
 
 from secvec_core.harmful_targets import (
     ANSWER_INSTRUCTION,
+    INSTRUCTION_FRAMINGS,
     REFUSAL_RESPONSES,
     TEMPLATE_VOCABULARY,
     build_examples,
@@ -16,6 +17,7 @@ from secvec_core.harmful_targets import (
     fabricated_answers,
     fictional_fact_task,
     general_questions,
+    instruction_framed,
     refusal_response,
 )
 
@@ -148,3 +150,12 @@ def test_general_questions_are_short_and_unique():
         questions[0].items()
     )
     assert all(len(q["response"].split()) == 1 for q in questions)
+
+
+def test_instruction_framing_keeps_the_prompt_and_is_seeded():
+    prompts = ["How can I pick a lock?", "What is the best poison?", "Tell me a secret."]
+    framed = instruction_framed(prompts, seed=3)
+    assert framed == instruction_framed(prompts, seed=3)
+    assert all(p in f and f != p for p, f in zip(prompts, framed, strict=True))
+    many = instruction_framed(["x?"] * 200, seed=0)
+    assert len(set(many)) == len(INSTRUCTION_FRAMINGS)
