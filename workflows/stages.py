@@ -45,6 +45,7 @@ class StageContext:
     trust_remote_code: bool = False
     retry_seconds: float | None = None  # the driver's $SECVEC_MLFLOW_RETRY_SECONDS when the stage started
     fault_kill_at_step: str | None = None  # the driver's $SECVEC_FAULT_KILL_AT_STEP (fault-injection tests)
+    datasets: dict[str, str] | None = None  # "<stage>/<split>" -> artifact URI of a data_preparation output
 
     def spec(self):
         return TypeAdapter(Stage).validate_python(self.stage)
@@ -63,6 +64,10 @@ def stage_worker(config: dict) -> None:
     rank = world.get_world_rank()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, world.get_local_world_size())))
     logging.basicConfig(level=logging.INFO)
+    if ctx.datasets:
+        from workflows.datasets import use_stage_outputs
+
+        use_stage_outputs(ctx.datasets, ctx.tracking_uri)
     worker = _StageWorker(ctx, rank)
     worker.run()
 
@@ -289,3 +294,8 @@ class _StageWorker:
 
         output = evaluate_candidate(self)
         self.finish(output)
+
+    def _run_data_preparation(self) -> None:
+        from workflows.dataprep import prepare_data
+
+        self.finish(prepare_data(self))
