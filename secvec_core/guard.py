@@ -26,6 +26,7 @@ from secvec_core.config import DEFAULT_TARGET_MODULES, TrainingConfig
 from secvec_core.data import Example, dataset_hash, to_examples, tokenize_examples
 from secvec_core.fingerprint import model_fingerprint
 from secvec_core.folding import FoldingError, folded_vectors, why_not_foldable
+from secvec_core.replay import SafetyReplay, replay_loss
 from secvec_core.training import TrainingHistory, TrainingHooks, train_loop
 from secvec_core.vectors import SecurityVector
 
@@ -62,6 +63,7 @@ class GuardedFinetuneResult:
     task_config: TaskAdapterConfig | None = None
     vectors: list[dict] = field(default_factory=list)
     folded: bool = False  # trained with the vectors folded into the (since restored) base weights
+    safety_replay: dict | None = None  # SafetyReplay.describe() when replay was on
 
     @contextlib.contextmanager
     def vectors_on(self, on: bool = True) -> Iterator[nn.Module]:
@@ -115,6 +117,7 @@ class GuardedFinetuneResult:
                 "weights_file": weights_file,
                 "weights_sha256": sha256_file(tmp / weights_file),
                 "steps": self.history.steps,
+                "safety_replay": self.safety_replay,
             })
         return directory
 
@@ -138,6 +141,7 @@ def guarded_finetune(
     hooks: TrainingHooks | None = None,
     allow_fingerprint_mismatch: bool = False,
     fold_vectors: bool | None = None,
+    safety_replay: SafetyReplay | None = None,
 ) -> GuardedFinetuneResult:
     """Fine-tune on ``data`` with every vector switched on and frozen.
 
@@ -154,6 +158,11 @@ def guarded_finetune(
     unmerged, and never in the base weights. ``None`` (default) folds whenever folding is exact and
     otherwise trains unmerged; ``True`` demands it (raises ``FoldingError`` in ``full`` mode, with vector
     dropout > 0, LoRA variants, tied weights); ``False`` never folds.
+
+    ``safety_replay`` (:mod:`secvec_core.replay`): every step also trains the shipped weights on a few
+    alignment rows with the vectors **off**, against erosion of alignment by the customer's data and
+    over-refusal learned in the vector's blind spots. Replay needs the vectors as separate adapters, so
+    it trains unmerged (folding off).
     """
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
@@ -164,6 +173,9 @@ def guarded_finetune(
             "pass fold_vectors=None or False")
     if isinstance(model, PeftModel):
         raise TypeError("guarded_finetune needs the plain base model; vectors are attached here")
+    if safety_replay is not None and fold_vectors:
+        raise FoldingError("safety_replay runs the shipped weights with the vectors off, so the vectors must stay "
+                           "separate adapters: pass fold_vectors=None or False")
     training = training or TrainingConfig()
     examples = to_examples(data)
     loaded = [v if isinstance(v, SecurityVector) else SecurityVector.load(v) for v in vectors]
@@ -191,7 +203,11 @@ def guarded_finetune(
         raise AssertionError(f"vector parameters would train: {leaked[:3]}")
     rows = tokenize_examples(tokenizer, examples, training.max_length, training.truncation)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    fold = _decide_folding(peft_model, names, mode, fold_vectors)
+    fold = _decide_folding(peft_model, names, mode, False if safety_replay is not None else fold_vectors)
+    extra_loss = None
+    if safety_replay is not None:
+        extra_loss = replay_loss(safety_replay, tokenizer, training.max_length, pad,
+                                 [TASK_ADAPTER] if mode == "lora" else [])
     if fold:
         activate(peft_model, [TASK_ADAPTER], trainable=[TASK_ADAPTER])
         try:
@@ -201,7 +217,7 @@ def guarded_finetune(
         finally:  # folded_vectors restored every folded weight and checked it against its sha256
             activate(peft_model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
     else:
-        history = train_loop(peft_model, rows, pad, training, hooks=hooks,
+        history = train_loop(peft_model, rows, pad, training, hooks=hooks, extra_loss=extra_loss,
                              description="guarded-finetune" if names else "finetune")
     return GuardedFinetuneResult(
         mode=mode, model=peft_model, vector_names=names, base_fingerprint=fingerprint,
@@ -209,6 +225,7 @@ def guarded_finetune(
         task_config=task_adapter if mode == "lora" else None,
         vectors=[{"name": v.name, "behaviour": v.config.behaviour, "data_hash": v.data_hash} for v in loaded],
         folded=fold,
+        safety_replay=safety_replay.describe() if safety_replay is not None else None,
     )
 
 
