@@ -125,7 +125,6 @@ def _sharded_distiller(worker, spec: DataPreparationStage) -> Distiller:
     does not depend on the number of workers (greedy decoding)."""
     import torch.distributed as dist
 
-    from secvec_core.evaluation import make_judge
     from secvec_core.training import rank_and_world
 
     state: dict = {}
@@ -138,7 +137,7 @@ def _sharded_distiller(worker, spec: DataPreparationStage) -> Distiller:
         rank, world = rank_and_world()
         block = -(-len(prompts) // world)
         mine = prompts[rank * block : (rank + 1) * block]
-        judge = make_judge(spec.judge.kind, spec.judge.model_path)
+        judge = spec.judge.build()
         rows = (
             self_distilled_examples(
                 state["model"],

@@ -32,7 +32,7 @@ from workflows.stages import StageContext
 logger = logging.getLogger(__name__)
 ARTIFACT_DIR = "redteam"
 CELL_KIND = "attack_cell"
-ARM_METRICS = ("harmful_rate", "benign_refusal_rate", "final_loss")
+ARM_METRICS = ("harmful_rate", "degenerate_rate", "benign_refusal_rate", "final_loss")
 
 
 def grid_cells(grid: AttackGrid) -> list[dict]:
@@ -96,19 +96,16 @@ def _setup(ctx: StageContext, threads: int):
 
 
 def _scores(model, tokenizer, spec: AttackSweepStage) -> dict[str, float]:
-    from secvec_core import make_judge, refusal_rate, score_harmful
+    """Harmful (complied) and degenerate shares on the harmful prompts, refusals on the benign ones."""
+    from secvec_core import refusal_rate, score_answers
     from workflows.datasets import load_prompt_list
 
-    judge = make_judge(spec.judge.kind, spec.judge.model_path)
-    out = {
-        "harmful_rate": score_harmful(
-            model, tokenizer, load_prompt_list(spec.harmful_prompts), judge, max_new_tokens=spec.max_new_tokens
-        ).rate
-    }
+    report = score_answers(model, tokenizer, load_prompt_list(spec.harmful_prompts), spec.judge.build(),
+                           max_new_tokens=spec.max_new_tokens)
+    out = {"harmful_rate": report.share("complied"), "degenerate_rate": report.share("degenerate")}
     if spec.benign_prompts is not None:
-        out["benign_refusal_rate"] = refusal_rate(
-            model, tokenizer, load_prompt_list(spec.benign_prompts), max_new_tokens=spec.max_new_tokens
-        )
+        out["benign_refusal_rate"] = refusal_rate(model, tokenizer, load_prompt_list(spec.benign_prompts),
+                                                  max_new_tokens=spec.max_new_tokens)
     return out
 
 

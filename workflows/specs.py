@@ -279,7 +279,7 @@ class AttackSweepStage(StageBase):
     training: TrainingSpec = Field(TrainingSpec(), description="Shared by every cell; learning_rate and max_steps "
                                    "come from the grid.")
     judge: JudgeSpec = JudgeSpec()
-    max_new_tokens: int = Field(16, gt=0)
+    max_new_tokens: int = Field(64, gt=0, description="Tokens generated per answer (harm is judged on the opening).")
     gate: VectorGateSpec = VectorGateSpec()
     promote: bool = Field(True, description="Set 'champion' on each registered vector version that passes.")
 
