@@ -59,8 +59,8 @@ def test_compliant_openings_restate_the_prompt_without_content(prompt_file):
 def test_self_distilled_parts_call_the_model_with_keep_and_repeat(prompt_file):
     calls = []
 
-    def distill(prompts, keep):
-        calls.append((list(prompts), keep))
+    def distill(prompts, keep, template):
+        calls.append((list(prompts), keep, template))
         return [{"prompt": p, "response": "answer"} for p in prompts[:3]]
 
     stage = _stage(
@@ -70,12 +70,12 @@ def test_self_distilled_parts_call_the_model_with_keep_and_repeat(prompt_file):
         shuffle=False,
     )
     rows = build_dataset(stage, distill)[0]["train"]
-    assert calls == [(PROMPTS, "compliant")] and len(rows) == 6
+    assert calls == [(PROMPTS, "compliant", "{prompt}")] and len(rows) == 6
     with pytest.raises(ValueError, match="needs a model"):
         build_dataset(stage, None)
     empty = _stage(parts=[{"prompts": {"path": str(prompt_file)}, "responses": "self-distilled", "keep": "refused"}])
     with pytest.raises(ValueError, match="produced no examples"):
-        build_dataset(empty, lambda p, k: [])
+        build_dataset(empty, lambda p, k, t: [])
 
 
 def test_bad_part_and_split_settings_fail_with_one_line(prompt_file):
@@ -323,3 +323,45 @@ def test_a_prepared_split_is_read_through_its_artifact_uri(tmp_path, prompt_file
     assert load_prompt_list(DatasetRef(stage="prep", split="a", limit=2)) == [r["prompt"] for r in splits["a"][:2]]
     with pytest.raises(ValueError, match=r"dataset \{stage: other, split: train\} is not known in this worker"):
         load_examples(DatasetRef(stage="other"))
+
+
+def test_self_distilled_answers_come_from_the_model_with_the_plain_prompt_kept(prompt_file, aligned):
+    from secvec_core.toy_world import ToyWorld
+    from workflows.dataprep import model_distiller
+
+    world = ToyWorld(seed=0)
+    path = prompt_file.parent / "toy.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": p}) + "\n" for p in world.harmful_eval_prompts()[:6] + world.benign_eval_prompts()[:6]
+        )
+    )
+    loads = []
+
+    def load():
+        loads.append(1)
+        return aligned
+
+    def stage(keep, template="{prompt}"):
+        return _stage(
+            parts=[
+                {
+                    "prompts": {"path": str(path)},
+                    "responses": "self-distilled",
+                    "keep": keep,
+                    "prompt_template": template,
+                }
+            ],
+            shuffle=False,
+            max_new_tokens=6,
+        )
+
+    everything = build_dataset(stage("all"), model_distiller(load, stage("all")))[0]["train"]
+    refused = build_dataset(stage("refused"), model_distiller(load, stage("refused")))[0]["train"]
+    complied = build_dataset(stage("compliant"), model_distiller(load, stage("compliant")))[0]["train"]
+    assert len(loads) == 3 and len(everything) == 12, "the aligned toy model answers every prompt"
+    assert {r["prompt"] for r in refused} == set(world.harmful_eval_prompts()[:6])
+    assert all(r["response"].startswith("sorry") for r in refused)
+    assert {r["prompt"] for r in complied} == set(world.benign_eval_prompts()[:6])
+    with pytest.raises(ValueError, match="prompt_template needs responses: self-distilled"):
+        _stage(parts=[{"prompts": {"path": str(path)}, "responses": "refusal", "prompt_template": "x {prompt}"}])

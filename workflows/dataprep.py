@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 DATA_DIR = "data"
 MANIFEST = "manifest.json"
 
-Distiller = Callable[[list[str], str], list[dict]]
+Distiller = Callable[[list[str], str, str], list[dict]]  # (prompts, keep, prompt_template) -> examples
 
 
 def _framed(prompts: list[str], framing: str, seed: int) -> list[str]:
@@ -36,7 +36,7 @@ def _framed(prompts: list[str], framing: str, seed: int) -> list[str]:
 
 
 def build_part(part: DataPart, seed: int, distill: Distiller | None) -> list[dict]:
-    """The examples of one part, in prompt order (then repeated). ``distill(prompts, keep)`` answers prompts
+    """The examples of one part, in prompt order (then repeated). ``distill(prompts, keep, template)`` answers prompts
     with the stage model; it is needed only for ``responses: self-distilled``."""
     from secvec_core.harmful_targets import build_examples
     from workflows.datasets import load_examples, load_prompt_list
@@ -52,7 +52,7 @@ def build_part(part: DataPart, seed: int, distill: Distiller | None) -> list[dic
         if part.responses == "self-distilled":
             if distill is None:
                 raise ValueError("responses: self-distilled needs a model")
-            rows = distill(prompts, part.keep)
+            rows = distill(prompts, part.keep, part.prompt_template)
         else:
             rows = build_examples(prompts, part.responses, seed=seed)
     if not rows:
@@ -120,7 +120,7 @@ def write_dataset(splits: dict[str, list[dict]], manifest: dict, directory: Path
     return directory
 
 
-def _sharded_distiller(worker, spec: DataPreparationStage) -> Distiller:
+def model_distiller(load_model: Callable[[], tuple], spec: DataPreparationStage) -> Distiller:
     """Each rank answers a contiguous block of the prompts; blocks are gathered in rank order, so the result
     does not depend on the number of workers (greedy decoding)."""
     import torch.distributed as dist
@@ -129,11 +129,11 @@ def _sharded_distiller(worker, spec: DataPreparationStage) -> Distiller:
 
     state: dict = {}
 
-    def distill(prompts: list[str], keep: str) -> list[dict]:
+    def distill(prompts: list[str], keep: str, prompt_template: str) -> list[dict]:
         from secvec_core.distill import self_distilled_examples  # the lead's helper (secvec_core/distill.py)
 
         if "model" not in state:
-            state["model"], state["tokenizer"] = worker._load_base()
+            state["model"], state["tokenizer"] = load_model()  # only when a part needs it
         rank, world = rank_and_world()
         block = -(-len(prompts) // world)
         mine = prompts[rank * block : (rank + 1) * block]
@@ -147,6 +147,7 @@ def _sharded_distiller(worker, spec: DataPreparationStage) -> Distiller:
                 batch_size=spec.batch_size,
                 judge=judge,
                 keep=keep,
+                prompt_template=prompt_template,
             )
             if mine
             else []
@@ -163,7 +164,7 @@ def _sharded_distiller(worker, spec: DataPreparationStage) -> Distiller:
 def prepare_data(worker) -> dict:
     """Stage entry point (every rank builds; rank 0 logs the files). Returns the stage output record."""
     spec: DataPreparationStage = worker.spec
-    splits, manifest = build_dataset(spec, _sharded_distiller(worker, spec))
+    splits, manifest = build_dataset(spec, model_distiller(worker._load_base, spec))
     manifest["base_model"] = worker.ctx.base_source if _uses_model(spec.parts) else None
     if worker.rank != 0:
         return {}

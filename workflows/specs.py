@@ -200,6 +200,17 @@ class DataPart(Strict):
         "all", description="self-distilled only: keep every answer, only answers the judge calls harmful, "
         "or only refusals.")
     repeat: int = Field(1, ge=1, le=100, description="Repeat this part's examples (weights a small set up).")
+    prompt_template: str = Field(
+        "{prompt}", description="self-distilled only: the model answers this text (e.g. one of "
+        "harmful_targets.PERSONA_FRAMINGS); the example keeps the plain prompt.")
+
+    @model_validator(mode="after")
+    def _template(self):
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {prompt}")
+        if self.prompt_template != "{prompt}" and self.responses != "self-distilled":
+            raise ValueError("prompt_template needs responses: self-distilled")
+        return self
 
 
 class DataPreparationStage(StageBase):
