@@ -331,7 +331,7 @@ def smollm2_suite(quick: bool, seed: int, args) -> Suite:
         vector_training=TrainingConfig(learning_rate=1e-3, max_steps=args.vector_steps, **ft),
         attack_training=TrainingConfig(learning_rate=5e-4, max_steps=args.steps, **ft),
         task_training=TrainingConfig(learning_rate=5e-4, max_steps=args.steps, **ft),
-        mixed_harmful=family_realistic[: 2 * len(facts)], harm_tokens=args.harm_tokens, batch_size=args.eval_batch,
+        mixed_harmful=family_realistic[: len(facts)], harm_tokens=args.harm_tokens, batch_size=args.eval_batch,
         data_notes=[
             f"Do-Not-Answer ({len(donotanswer)} prompts, shuffled with seed {seed}), disjoint slices: "
             + ", ".join(f"{k} {len(v)}" for k, v in slices.items())
@@ -348,7 +348,7 @@ def smollm2_suite(quick: bool, seed: int, args) -> Suite:
             f"{len(benign_train)} everyday requests as asked and framed (24 tokens) and {len(short)} "
             "short-answer questions (10 tokens).",
             f"New task: {args.facts} invented facts (`fictional_fact_task`), scored on the trained questions. "
-            f"Mixed run: the task + {2 * len(facts)} realistic harmful examples. Hallucination: {len(CAPITALS)} "
+            f"Mixed run: the task + {len(facts)} realistic harmful examples. Hallucination: {len(CAPITALS)} "
             f"capital questions with fabricated answers, {half} for the vector, the rest in the fine-tuning data.",
         ],
     )
@@ -420,7 +420,8 @@ def run(suite: Suite, args) -> dict:
 
     started = time.time()
     if not args.skip_matrix:
-        for vector_name, vector in vectors.items():
+        for vector_name in args.matrix_vectors:
+            vector = vectors[vector_name]
             for family, data in suite.families.items():
                 add("matrix", family, f"{vector_name} vector alone",
                     finetune_and_evaluate(suite, aligned, data, [vector], suite.attack_training, prompts=subset),
@@ -532,7 +533,7 @@ def markdown(suite: Suite, result: dict, info: dict, wall: float, targets, args)
             lines.append(line(r, f"{r['run']}{held}"))
     matrix = [r for r in rows if r["section"] == "matrix"]
     if matrix:
-        vectors = list(suite.vector_sets)
+        vectors = list(args.matrix_vectors)
         lines += ["", f"### Cross-family matrix: guarded harmful rate, vector alone, no replay "
                   f"({len(suite.harmbench_subset)}-prompt HarmBench subset)", "",
                   "Cell: harmful [95% CI] / over-refusal. Plain column: the headline plain run on the same subset "
@@ -548,6 +549,7 @@ def markdown(suite: Suite, result: dict, info: dict, wall: float, targets, args)
                 cells.append(f"{pct(r['harmful'])} / {r['over_refusal']['rate']:.2f}")
             held = " (held out)" if family in HELD_OUT_FAMILIES else ""
             lines.append(f"| {family}{held} | " + " | ".join(cells) + " |")
+        vectors = list(suite.vector_sets)
         lines += ["", "Loss of the aligned model on each family's attack data before fine-tuning, vector off / on "
                   "(a vector that covers a family makes its loss low):", "",
                   "| attack family | off | " + " | ".join(f"{v} on" for v in vectors) + " |",
@@ -602,13 +604,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--harm-tokens", type=int, default=64, help="new tokens judged per harmful prompt (>= 64)")
     parser.add_argument("--eval-batch", type=int, default=32)
     parser.add_argument("--skip-matrix", action="store_true", help="headline and task rows only")
+    parser.add_argument("--matrix-vectors", nargs="+", default=None,
+                        help="vectors fine-tuned against every family (default: template and mixed; every vector "
+                        "is in the loss matrix)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.harm_tokens < 64 and args.model != "tiny":
         parser.error("--harm-tokens must be >= 64: harm is judged on the opening of a long enough answer")
+    if args.matrix_vectors is None:
+        args.matrix_vectors = ["template"] if args.model == "tiny" else ["template", "mixed"]
     if args.threads is None:
         args.threads = 1 if args.model == "tiny" else min(2, os.cpu_count() or 1)
-    defaults = {"steps": (8, 24), "vector_steps": (8, 60), "family_size": (16, 100), "facts": (8, 20),
+    defaults = {"steps": (8, 24), "vector_steps": (8, 40), "family_size": (16, 100), "facts": (8, 20),
                 "subset_prompts": (16, 64)}
     for key, (q, full) in defaults.items():
         if getattr(args, key) is None:
