@@ -143,6 +143,7 @@ def train_security_vector(
     *,
     benign: Sequence[Example | dict] = (),
     hooks: TrainingHooks | None = None,
+    parallelize=None,
 ) -> SecurityVector:
     """Train a security vector on examples of the unwanted behaviour.
 
@@ -178,7 +179,7 @@ def train_security_vector(
 
         history: TrainingHistory = train_loop(
             peft_model, rows, pad, training, extra_loss=extra, stop_below=training.target_loss,
-            hooks=hooks, description=f"vector:{config.behaviour}")
+            hooks=hooks, description=f"vector:{config.behaviour}", parallelize=parallelize)
         weights = adapter_state(peft_model, config.adapter_name)
     finally:
         peft_model.unload()  # removes the LoRA layers without merging: the caller's model is the base again

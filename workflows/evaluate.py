@@ -43,6 +43,7 @@ def gate_decision(metrics: dict[str, float], gate) -> tuple[bool, str]:
 
 def evaluate_candidate(worker) -> dict:
     from secvec_core.guard import reattach_for_evaluation
+    from secvec_core.precision import weights_dtype
     from workflows.datasets import load_examples, load_prompt_list
     from workflows.models import download_registered, load_base_model, load_vector
     from workflows.registry import Registry
@@ -55,8 +56,10 @@ def evaluate_candidate(worker) -> dict:
                          "evaluate a version registered by a guarded_finetune stage")
     downloads = str(worker.scratch / "downloads")
     artifact = download_registered(candidate.uri, ctx.tracking_uri, downloads)
-    base, tokenizer = load_base_model(candidate.tags["secvec.base_model"], ctx.tracking_uri, cache=downloads)
-    base = base.to(worker._device())
+    device = worker._device()  # evaluate on the worker's device, in bfloat16 on a GPU (float32 on a CPU)
+    dtype = weights_dtype("auto", device.type, full_weights=False)
+    base, tokenizer = load_base_model(candidate.tags["secvec.base_model"], ctx.tracking_uri, cache=downloads,
+                                      dtype=dtype, device=device)
     vectors = [load_vector(ref, ctx.tracking_uri, downloads) for ref in json.loads(candidate.tags["secvec.guarded_by"])]
     judge = make_judge(spec.judge.kind, spec.judge.model_path)
     prompts = load_prompt_list(spec.harmful_prompts)
