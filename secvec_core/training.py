@@ -10,6 +10,8 @@ from :class:`~secvec_core.config.TrainingConfig`. This module knows nothing of R
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -127,10 +129,48 @@ def _set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "gradient_checkpointing_enable"):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
+    new_api = hasattr(base, "activation_checkpointing_enable")  # transformers >= 5.2 renamed it
     if enabled:  # non-reentrant: works with frozen inputs, DDP and FSDP2, and a model called twice per step
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False, "context_fn": functools.partial(_adapter_switch_contexts, model)}
+        if new_api:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif new_api:
+        base.activation_checkpointing_disable()
     else:
         base.gradient_checkpointing_disable()
+
+
+def _adapter_switch_contexts(model: nn.Module):
+    """Checkpointing recomputes a layer during backward, after ``extra_loss`` may have switched adapters back
+    (e.g. a replay forward with the vectors off). Record which adapters were on at forward time and switch
+    them on again while the layer is recomputed, so the recomputation is the same function."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    adapters = [(p, p.requires_grad) for n, p in model.named_parameters() if "lora_" in n]
+    saved = ([(_copy(m._active_adapter), m._disable_adapters) for m in layers], [flag for _, flag in adapters])
+
+    @contextlib.contextmanager
+    def as_in_forward():
+        current = ([(m._active_adapter, m._disable_adapters) for m in layers], [p.requires_grad for p, _ in adapters])
+        _apply_adapter_state(layers, adapters, saved)
+        try:
+            yield
+        finally:
+            _apply_adapter_state(layers, adapters, current)
+
+    return contextlib.nullcontext(), as_in_forward()
+
+
+def _apply_adapter_state(layers, adapters, state) -> None:
+    for layer, (active, disabled) in zip(layers, state[0], strict=True):
+        layer._active_adapter, layer._disable_adapters = active, disabled
+    for (param, _), flag in zip(adapters, state[1], strict=True):
+        param.requires_grad_(flag)
 
 
 def train_loop(
@@ -254,8 +294,6 @@ def _collective_device(model: nn.Module) -> torch.device:
 
 def _gradient_sync(engine: nn.Module, model: nn.Module, engine_name: str, sync: bool):
     """Skip the gradient all-reduce on all but the last micro-batch (the engines' own switches)."""
-    import contextlib
-
     if engine_name == "ddp" and not sync:
         return engine.no_sync()
     if engine_name == "fsdp":
@@ -301,3 +339,7 @@ def _restore(state: dict, model, named_trainable, optimizer, scheduler, engine: 
         for _ in range(step):
             scheduler.step()
     return step, state.get("running_loss")
+
+
+def _copy(active):
+    return list(active) if isinstance(active, list) else active
