@@ -169,6 +169,18 @@ class Plan:
             return None
         return self.gpu_memory_gb * GB * (1 - GPU_RESERVE_FRACTION) - GPU_RESERVE_BYTES
 
+    def to_dict(self) -> dict:
+        usable = self.usable_bytes()
+        return {"pipeline": self.pipeline, "device": self.device, "gpus": self.gpus,
+                "gpu_memory_gb": self.gpu_memory_gb, "usable_gb": None if usable is None else usable / GB,
+                "stages": [{"stage": s.stage, "kind": s.kind, "engine": s.engine, "workers": s.workers,
+                            "micro_batch": s.micro_batch, "dtype": s.dtype, "note": s.note,
+                            **{f"{k}_gb": v / GB for k, v in s.parts.items()},
+                            "total_gb": s.total / GB if s.parts else None, "stash_gb": s.stash_bytes / GB,
+                            "stash_kind": s.stash_kind,
+                            "fits": None if usable is None or not s.parts else s.total <= usable}
+                           for s in self.stages]}
+
     def unfit(self) -> list[StagePlan]:
         usable = self.usable_bytes()
         return [] if usable is None else [s for s in self.stages if s.parts and s.total > usable]
@@ -179,13 +191,14 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def activation_bytes(shape: ModelShape, tokens: int, *, compute_bytes: int, full_weights: bool,
-                     checkpointing: bool, lora_rank: int = 8) -> float:
+                     checkpointing: bool, lora_rank: int = 8, low_precision_weights: bool = False) -> float:
     """What autograd keeps for backward at ``tokens`` tokens per micro-batch, plus the loss's logits.
 
     Per decoder layer (Hugging Face Llama, SDPA attention): the two RMSNorm inputs in float32, the
     normalised inputs of the attention and MLP blocks, q/k/v after rotary and the attention output, the
     o_proj input, and four MLP tensors of the intermediate size (gate, its SiLU, up, their product).
-    Trainable adapters keep their low-rank activations. Under checkpointing only each layer's input is
+    Trainable adapters keep their low-rank activations and, over bfloat16 weights, their own copy of each
+    input (peft casts it to the float32 adapter; autocast keeps a bfloat16 copy). Under checkpointing only each layer's input is
     kept, plus one layer's full set while it is recomputed. The loss peaks at three logits-sized float32
     buffers (the logits, their shifted copy, the log-softmax), plus the bfloat16 logits under autocast.
     """
@@ -193,6 +206,8 @@ def activation_bytes(shape: ModelShape, tokens: int, *, compute_bytes: int, full
     per_layer = tokens * (2 * h * 4 + (5 * h + 2 * hk + 4 * i) * compute_bytes)
     if not full_weights:  # trainable LoRA A/B outputs on the targeted layers (seven per layer for Llama)
         per_layer += tokens * 7 * lora_rank * 4
+        if low_precision_weights:  # peft casts each LoRA layer's input to the float32 adapter: seven own copies
+            per_layer += tokens * (6 * h + i) * compute_bytes
     layers = tokens * h * compute_bytes * shape.layers + per_layer if checkpointing else per_layer * shape.layers
     head = tokens * shape.vocab * (3 * 4 + (compute_bytes if compute_bytes != 4 else 0)) + tokens * h * 4
     return layers + head
@@ -245,7 +260,7 @@ def plan_stage(stage, spec: PipelineSpec, shape: ModelShape | None) -> StagePlan
         plan.parts["runtime"] = CPU_RUNTIME_BYTES
     tokens = micro * t.max_length
     acts = activation_bytes(shape, tokens, compute_bytes=compute_bytes, full_weights=full,
-                            checkpointing=t.gradient_checkpointing)
+                            checkpointing=t.gradient_checkpointing, low_precision_weights=w_bytes < 4)
     if isinstance(stage, VectorTrainingStage) and stage.benign_data is not None and t.kl_weight > 0:
         acts *= 2  # the KL term runs the model a second time in the same step
     plan.parts["activations"] = acts
@@ -295,15 +310,47 @@ def advice(stage: StagePlan, spec: PipelineSpec) -> str:
     """What to change, biggest lever first."""
     training = next(s for s in spec.stages if s.name == stage.stage).training
     parts = stage.parts
-    if stage.engine != "fsdp" and parts["weights"] + parts["gradients"] + parts["optimizer"] > parts["activations"]:
-        if stage.kind == "guarded_finetune" and stage.dtype == "float32" and "lora" in _mode(spec, stage):
-            return "set training.dtype: bfloat16 (the frozen base in half the memory)"
-        return "shard with more GPUs (scaling.num_workers, training.parallel: fsdp) or train a LoRA adapter"
-    if not training.gradient_checkpointing:
-        return "set training.gradient_checkpointing: true"
-    return "raise training.gradient_accumulation_steps or lower batch_size/max_length"
+    if parts["activations"] >= 0.25 * stage.total:
+        if not training.gradient_checkpointing:
+            return f"set stages.{stage.stage}.training.gradient_checkpointing: true"
+        if stage.micro_batch > 1:
+            return (f"raise stages.{stage.stage}.training.gradient_accumulation_steps (micro-batch now "
+                    f"{stage.micro_batch}) or lower max_length")
+    full = parts["gradients"] > 0.5 * parts["weights"]
+    if full and stage.engine != "fsdp":
+        return "shard over more GPUs (scaling.num_workers > 1; full weights use FSDP) or train a LoRA adapter"
+    if not full and stage.dtype == "float32":
+        return f"set stages.{stage.stage}.training.dtype: bfloat16 (the frozen base in half the memory)"
+    if full:
+        return "shard over more GPUs (scaling.num_workers) or train a LoRA adapter (mode: lora)"
+    return "use a GPU with more memory (scaling.gpu) or shard the frozen base (training.parallel: fsdp)"
 
 
-def _mode(spec: PipelineSpec, stage: StagePlan) -> str:
-    s = next(s for s in spec.stages if s.name == stage.stage)
-    return getattr(s, "mode", "lora")
+def plan_with_overrides(spec: PipelineSpec, *, gpu: str | None = None, gpu_memory_gb: float | None = None,
+                        num_workers: int | None = None) -> PipelineSpec:
+    """``spec`` with the command line's scaling overrides (validated like the spec itself)."""
+    from workflows.specs import ScalingSpec
+
+    scaling = spec.scaling.model_dump()
+    if gpu is not None or gpu_memory_gb is not None:
+        scaling.update(gpu=gpu, gpu_memory_gb=gpu_memory_gb, use_gpu=True)
+    if num_workers is not None:
+        scaling["num_workers"] = num_workers
+    return spec.model_copy(update={"scaling": ScalingSpec.model_validate(scaling)})
+
+
+def check_spec_text_fits(text: str, source: str = "spec") -> None:
+    """:func:`check_fits` for spec text (``secvec render``/``submit``); a spec that does not validate is left
+    to the commands' own checks."""
+    import yaml
+
+    from workflows.specs import SpecError, parse_spec
+
+    try:
+        spec = parse_spec(yaml.safe_load(text), source)
+    except (SpecError, yaml.YAMLError):
+        return
+    try:
+        check_fits(spec)
+    except PlanError as error:
+        raise PlanError(f"{source}: {error}") from None
