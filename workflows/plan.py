@@ -329,14 +329,19 @@ def advice(stage: StagePlan, spec: PipelineSpec) -> str:
 def plan_with_overrides(spec: PipelineSpec, *, gpu: str | None = None, gpu_memory_gb: float | None = None,
                         num_workers: int | None = None) -> PipelineSpec:
     """``spec`` with the command line's scaling overrides (validated like the spec itself)."""
-    from workflows.specs import ScalingSpec
+    from pydantic import ValidationError
+
+    from workflows.specs import ScalingSpec, format_validation_error
 
     scaling = spec.scaling.model_dump()
     if gpu is not None or gpu_memory_gb is not None:
         scaling.update(gpu=gpu, gpu_memory_gb=gpu_memory_gb, use_gpu=True)
     if num_workers is not None:
         scaling["num_workers"] = num_workers
-    return spec.model_copy(update={"scaling": ScalingSpec.model_validate(scaling)})
+    try:
+        return spec.model_copy(update={"scaling": ScalingSpec.model_validate(scaling)})
+    except ValidationError as error:
+        raise ValueError(format_validation_error(error, "command-line scaling")) from None
 
 
 def check_spec_text_fits(text: str, source: str = "spec") -> None:
