@@ -145,6 +145,7 @@ def guarded_finetune(
     fold_vectors: bool | None = None,
     folding: FoldingOptions | None = None,
     parallelize=None,
+    base_fingerprint: str | None = None,
 ) -> GuardedFinetuneResult:
     """Fine-tune on ``data`` with every vector switched on and frozen.
 
@@ -163,6 +164,8 @@ def guarded_finetune(
     dropout > 0, LoRA variants, tied weights, bfloat16 weights); ``False`` never folds. ``folding`` sets the
     stash (kind and directory) and whether folding into bfloat16/float16 weights is accepted.
     ``parallelize``: the DDP wrapper for :func:`~secvec_core.training.train_loop` (Ray Train's ``prepare_model``).
+    ``base_fingerprint``: the fingerprint of the float32 weights ``model`` was cast from (a bfloat16 copy on a
+    GPU has other bytes, but is the same base the vectors were trained against); computed when not given.
     """
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
@@ -179,7 +182,7 @@ def guarded_finetune(
     names = [v.name for v in loaded]
     if len(set(names)) != len(names):
         raise ValueError(f"two vectors share an adapter name: {names}")
-    fingerprint = model_fingerprint(model)
+    fingerprint = base_fingerprint or model_fingerprint(model)
     torch.manual_seed(training.seed)
     peft_model: nn.Module = model
     for vector in loaded:
@@ -237,12 +240,14 @@ def _decide_folding(model: nn.Module, names: Sequence[str], mode: Mode, fold_vec
 
 
 def reattach_for_evaluation(base_model: nn.Module, directory: str | Path,
-                            vectors: Sequence[SecurityVector] = ()) -> GuardedFinetuneResult:
+                            vectors: Sequence[SecurityVector] = (), *,
+                            base_fingerprint: str | None = None) -> GuardedFinetuneResult:
     """Rebuild a guarded model from a shipped artifact plus its vectors, for on/off evaluation.
 
     ``lora``: base + vectors + task adapter. ``full``: the fine-tuned weights + vectors (the vectors were
     trained on the pre-fine-tuning base, so their fingerprint check is skipped on purpose), loaded in the
     dtype and on the device of ``base_model`` (the worker's GPU, bfloat16), never as float32 on the CPU.
+    ``base_fingerprint``: as in :func:`guarded_finetune`, for a base cast from float32.
     """
     import json
 
@@ -257,7 +262,7 @@ def reattach_for_evaluation(base_model: nn.Module, directory: str | Path,
     names = [v.name for v in vectors]
     if meta["mode"] == "lora":
         model: nn.Module = base_model
-        fingerprint = model_fingerprint(base_model)
+        fingerprint = base_fingerprint or model_fingerprint(base_model)
         for vector in vectors:
             model = vector.attach(model, fingerprint=fingerprint)
         config = LoraConfig.from_pretrained(str(directory))

@@ -256,6 +256,7 @@ def train_loop(
             value = float(weighted_loss) / max(global_tokens, 1)
         norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
         optimizer.step()
         scheduler.step()
         if not math.isfinite(value):
@@ -273,7 +274,7 @@ def train_loop(
             hooks.on_checkpoint(step + 1, state)
         if should_log:
             metrics = {"loss": value, "running_loss": running, "grad_norm": grad_norm,
-                       "learning_rate": scheduler.get_last_lr()[0]}
+                       "learning_rate": learning_rate}
             history.log.append({"step": step + 1, **metrics})
             if hooks.on_log:
                 hooks.on_log(step + 1, metrics)

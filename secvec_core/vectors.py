@@ -144,6 +144,7 @@ def train_security_vector(
     benign: Sequence[Example | dict] = (),
     hooks: TrainingHooks | None = None,
     parallelize=None,
+    base_fingerprint: str | None = None,
 ) -> SecurityVector:
     """Train a security vector on examples of the unwanted behaviour.
 
@@ -157,7 +158,7 @@ def train_security_vector(
     examples = to_examples(examples)
     benign_examples = to_examples(benign) if benign else []
     started = time.time()
-    fingerprint = model_fingerprint(model)
+    fingerprint = base_fingerprint or model_fingerprint(model)  # given: the float32 weights a bf16 copy came from
     if isinstance(model, PeftModel):
         raise TypeError("train_security_vector needs the plain base model, not a PeftModel")
     torch.manual_seed(training.seed)

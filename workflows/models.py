@@ -56,6 +56,26 @@ def load_base_model(source: str, tracking_uri: str, *, trust_remote_code: bool =
     return load_model_and_tokenizer(source, trust_remote_code=trust_remote_code, dtype=dtype, device=device)
 
 
+def load_base_for_device(source: str, tracking_uri: str, device, dtype_setting: str, *, full_weights: bool,
+                         trust_remote_code: bool = False, cache: str | None = None):
+    """(model, tokenizer, fingerprint) for a stage: the model in the dtype ``dtype_setting`` resolves to on
+    ``device``, and the fingerprint of its float32 weights (the one vectors and the registry record). A
+    lower-precision model is loaded in float32 on the host first, fingerprinted, then cast and moved."""
+    import torch
+
+    from secvec_core.fingerprint import model_fingerprint
+    from secvec_core.precision import weights_dtype
+
+    dtype = weights_dtype(dtype_setting, device.type, full_weights=full_weights)
+    if dtype == torch.float32:
+        model, tokenizer = load_base_model(source, tracking_uri, trust_remote_code=trust_remote_code, cache=cache,
+                                           device=device)
+        return model, tokenizer, model_fingerprint(model)
+    model, tokenizer = load_base_model(source, tracking_uri, trust_remote_code=trust_remote_code, cache=cache)
+    fingerprint = model_fingerprint(model)
+    return model.to(device=device, dtype=dtype), tokenizer, fingerprint
+
+
 def load_model_directory(directory: Path, *, dtype=None, device=None):
     """A full-weights model saved by a secvec stage (alignment or full fine-tune) with its tokenizer."""
     from transformers import AutoTokenizer

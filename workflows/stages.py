@@ -187,16 +187,15 @@ class _StageWorker:
                     logger.exception("could not mark the MLflow run as failed")
             raise
 
-    def _load_base(self, *, full_weights: bool = False):
-        """The base model on this worker's device, in the dtype of the stage's ``training.dtype``."""
-        from secvec_core.precision import weights_dtype
-        from workflows.models import load_base_model
+    def _load_base(self, *, full_weights: bool = False, dtype_setting: str | None = None):
+        """(model, tokenizer, fingerprint): the base on this worker's device in the stage's ``training.dtype``.
+        The fingerprint is always that of the float32 weights, so a vector fits its base in any dtype."""
+        from workflows.models import load_base_for_device
 
-        device = self._device()
-        dtype = weights_dtype(self.spec.training.dtype, device.type, full_weights=full_weights)
-        return load_base_model(self.ctx.base_source, self.ctx.tracking_uri,
-                               trust_remote_code=self.ctx.trust_remote_code,
-                               cache=str(self.scratch / "downloads"), dtype=dtype, device=device)
+        return load_base_for_device(self.ctx.base_source, self.ctx.tracking_uri, self._device(),
+                                    dtype_setting or self.spec.training.dtype, full_weights=full_weights,
+                                    trust_remote_code=self.ctx.trust_remote_code,
+                                    cache=str(self.scratch / "downloads"))
 
     def _device(self):
         import ray.train.torch
@@ -234,14 +233,14 @@ class _StageWorker:
         return {"uri": version.uri, "name": version.name, "version": version.version, "run_id": self.run_id}
 
     def _run_alignment(self) -> None:
-        from secvec_core import guarded_finetune, model_fingerprint
+        from secvec_core import guarded_finetune
         from workflows.datasets import load_examples
         from workflows.registry import aligned_model_name
 
-        model, tokenizer = self._load_base(full_weights=True)
-        base_fp = model_fingerprint(model)
+        model, tokenizer, base_fp = self._load_base(full_weights=True)
         result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), mode="full",
-                                  training=self._training(self.spec.training), hooks=self.hooks())
+                                  training=self._training(self.spec.training), hooks=self.hooks(),
+                                  base_fingerprint=base_fp)
         output = {}
         out_dir = self._save_gathered(result, self.scratch / "aligned")
         if self.rank == 0:
@@ -255,20 +254,21 @@ class _StageWorker:
 
     @staticmethod
     def _fingerprint_of(result, out_dir: Path) -> str:
-        """The trained model's fingerprint; a sharded model is fingerprinted from its saved (gathered) weights."""
+        """The trained model's float32 fingerprint; a sharded or bfloat16 model is fingerprinted from its saved
+        (gathered) weights loaded in float32."""
         from secvec_core import load_finetuned, model_fingerprint
         from secvec_core.distributed import is_sharded
 
-        if not is_sharded(result.model):
+        if not is_sharded(result.model) and all(p.dtype == torch.float32 for p in result.model.parameters()):
             return model_fingerprint(result.model)
-        return model_fingerprint(load_finetuned(None, out_dir))
+        return model_fingerprint(load_finetuned(None, out_dir))  # float32, like every recorded fingerprint
 
     def _run_vector_training(self) -> None:
         from secvec_core import SecurityVectorConfig, train_security_vector
         from workflows.datasets import load_examples
         from workflows.registry import CHAMPION, Registry, vector_model_name
 
-        model, tokenizer = self._load_base()
+        model, tokenizer, base_fp = self._load_base()
         shape = self.spec.vector
         config = SecurityVectorConfig(behaviour=self.spec.behaviour.replace("-", "_"), rank=shape.rank,
                                       alpha=shape.alpha, dropout=shape.dropout,
@@ -276,7 +276,7 @@ class _StageWorker:
         benign = load_examples(self.spec.benign_data) if self.spec.benign_data else []
         vector = train_security_vector(model, tokenizer, load_examples(self.spec.data), config,
                                        self._training(self.spec.training), benign=benign, hooks=self.hooks(),
-                                       parallelize=self._parallelize)
+                                       parallelize=self._parallelize, base_fingerprint=base_fp)
         output = {}
         if self.rank == 0:
             out_dir = vector.save(self.scratch / "vector")
@@ -305,7 +305,7 @@ class _StageWorker:
         from workflows.models import load_vector
         from workflows.registry import finetuned_model_name
 
-        model, tokenizer = self._load_base(full_weights=self.spec.mode == "full")
+        model, tokenizer, base_fp = self._load_base(full_weights=self.spec.mode == "full")
         vectors = [load_vector(ref, self.ctx.tracking_uri, str(self.scratch / "downloads"))
                    for ref in self.ctx.vector_refs]
         a, f = self.spec.adapter, self.spec.folding
@@ -314,7 +314,8 @@ class _StageWorker:
         result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), vectors, mode=self.spec.mode,
                                   training=self._training(self.spec.training), hooks=self.hooks(),
                                   task_adapter=TaskAdapterConfig(a.rank, a.alpha, a.dropout, tuple(a.target_modules)),
-                                  fold_vectors=f.fold, folding=folding, parallelize=self._parallelize)
+                                  fold_vectors=f.fold, folding=folding, parallelize=self._parallelize,
+                                  base_fingerprint=base_fp)
         output = {}
         out_dir = self._save_gathered(result, self.scratch / "finetuned")
         if self.rank == 0:
