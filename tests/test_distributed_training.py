@@ -6,7 +6,8 @@ additions differs (one batch of 8 vs two of 4, plus the all-reduce). Gradient no
 few float32 ulps of accumulated rounding (rtol 1e-4 is ~1000x that). AdamW divides each coordinate's
 update by its own gradient's magnitude, so a coordinate's update differs by that same relative rounding,
 unless its gradient is within Adam's eps (1e-8) of zero; with lr 1e-3 and 3 steps the adapters agree to
-atol 1e-5 (1% of one step's update).
+atol 1e-5 (1% of one step's update). The safety replay draws the same rows on every rank (same seed), so
+its averaged gradient is the single process's too.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ SCENARIOS = {  # name: (what trains, extra TrainingConfig options)
     "lora-checkpointing": ("lora", {"gradient_checkpointing": True}),
     "lora-accumulation": ("lora", {"gradient_accumulation_steps": 2}),
     "full": ("full", {}),
+    "lora-safety-replay": ("replay", {"gradient_checkpointing": True}),
 }
 
 
@@ -80,6 +82,17 @@ def _scenario(name: str, out: Path, vector_dir: str) -> dict:
         history = train_loop(peft_model, rows, tokenizer.pad_token_id, training,
                              extra_loss=_replay_loss([vector.name], rows, tokenizer.pad_token_id))
         params = dict(peft_model.named_parameters())
+        result["task"] = {n: p.detach().clone() for n, p in params.items() if f".{TASK_ADAPTER}." in n}
+        result["vector"] = {n: p.detach().clone() for n, p in params.items() if f".{vector.name}." in n}
+        result["base"] = {n: p.detach().clone() for n, p in params.items() if "lora_" not in n}
+    elif kind == "replay":  # guarded_finetune's own safety replay (vectors off in a second forward)
+        from secvec_core.replay import SafetyReplay
+
+        replay = SafetyReplay(ToyWorld(seed=0).alignment_examples()[:20], rows_per_step=2)
+        guarded = guarded_finetune(model, tokenizer, data, [vector], mode="lora", training=training,
+                                   safety_replay=replay)
+        history = guarded.history
+        params = dict(guarded.model.named_parameters())
         result["task"] = {n: p.detach().clone() for n, p in params.items() if f".{TASK_ADAPTER}." in n}
         result["vector"] = {n: p.detach().clone() for n, p in params.items() if f".{vector.name}." in n}
         result["base"] = {n: p.detach().clone() for n, p in params.items() if "lora_" not in n}
@@ -137,7 +150,7 @@ def _assert_same_training(single: dict, ranks: list[dict]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["lora", "lora-checkpointing", "lora-accumulation"])
+@pytest.mark.parametrize("scenario", ["lora", "lora-checkpointing", "lora-accumulation", "lora-safety-replay"])
 def test_ddp_two_workers_train_the_same_adapter_as_one_process(runs, scenario):
     all_single, all_ranks, _ = runs
     single, ranks = all_single[scenario], [r[scenario] for r in all_ranks]

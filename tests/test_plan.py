@@ -54,6 +54,10 @@ def test_guarded_lora_7b_fits_one_24gb_gpu_in_bf16_with_checkpointing():
     data["stages"][1]["training"].update(gradient_checkpointing=False)
     with pytest.raises(PlanError, match="gradient_checkpointing: true"):
         check_fits(parse_spec(data))
+    # 8 x 512 tokens through 32 layers: the Llama tensors (about 23 GB), peft's bf16 copy of each LoRA input
+    # over bf16 weights (about 9 GB), the loss's logits (about 2 GB)
+    unchecked = _stage(plan_spec(parse_spec(data)), "guarded-lora")
+    assert 32 * GB < unchecked.parts["activations"] < 37 * GB
     data = yaml.safe_load((EXAMPLES / "llama7b-lora-24gb.yaml").read_text())
     data["stages"][1]["training"]["dtype"] = "float32"
     with pytest.raises(PlanError, match="dtype: bfloat16"):
