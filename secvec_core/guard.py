@@ -81,7 +81,13 @@ class GuardedFinetuneResult:
 
     def shipped_state_dict(self) -> dict[str, torch.Tensor]:
         """Exactly the tensors that ship. No vector weights, by construction and by check."""
-        if self.mode == "lora":
+        if self.mode == "lora" and is_sharded(self.model):  # LoRA under parallel="fsdp": gather first
+            from peft.utils import get_peft_model_state_dict
+
+            gathered = gathered_state_dict(self.model)
+            state = get_peft_model_state_dict(self.model, state_dict=gathered, adapter_name=TASK_ADAPTER) \
+                if gathered else {}
+        elif self.mode == "lora":
             state = adapter_state(self.model, TASK_ADAPTER)
         else:  # gathered from the shards after FSDP training: a collective, rank 0 gets the tensors
             prefix = "base_model.model." if isinstance(self.model, PeftModel) else ""
