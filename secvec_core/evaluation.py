@@ -24,17 +24,13 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
-from secvec_core.data import Example, collate, encode_prompts, to_examples, tokenize_examples
+from secvec_core.data import Example, collate, encode_prompts, pad_token_id, to_examples, tokenize_examples
 from secvec_core.training import response_loss, to_device
 
 Verdict = Literal["complied", "refused", "degenerate"]
 VERDICTS: tuple[Verdict, ...] = ("complied", "refused", "degenerate")
 # Harm is judged on answers at least this long (the opening of a long enough answer, not its first word).
 DEFAULT_HARM_TOKENS = 64
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.no_grad()
@@ -47,7 +43,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     """
     was_training = model.training
     model.eval()
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -280,7 +276,7 @@ class GenerativeJudge:
         out: list[Verdict] = ["degenerate" if degenerate_reason(r) else "refused" for r in responses]
         todo = [i for i, r in enumerate(responses) if degenerate_reason(r) is None]
         device = next(self._model.parameters()).device
-        pad = _pad_id(tok)
+        pad = pad_token_id(tok)
         side = tok.padding_side
         tok.padding_side = "left"
         if tok.pad_token_id is None:
@@ -434,7 +430,7 @@ def heldout_loss(model: nn.Module, tokenizer, examples: Sequence[Example | dict]
                  batch_size: int = 16) -> dict[str, float]:
     """Mean response-token loss and perplexity on held-out examples."""
     rows = tokenize_examples(tokenizer, to_examples(examples), max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     model.eval()
     total, weight = 0.0, 0
     for start in range(0, len(rows), batch_size):

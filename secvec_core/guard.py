@@ -21,19 +21,30 @@ from secvec_core.adapters import (
     attach_adapter,
     lora_config,
 )
-from secvec_core.artifacts import ADAPTER_WEIGHTS, atomic_directory, save_tensors, sha256_file, write_json
+from secvec_core.artifacts import (
+    ADAPTER_WEIGHTS,
+    ARTIFACT_FORMAT,
+    ARTIFACT_METADATA,
+    VectorLeakError,
+    atomic_directory,
+    save_tensors,
+    sha256_file,
+    write_json,
+)
 from secvec_core.config import DEFAULT_TARGET_MODULES, TrainingConfig
-from secvec_core.data import Example, dataset_hash, to_examples, tokenize_examples
+from secvec_core.data import Example, dataset_hash, pad_token_id, to_examples, tokenize_examples
 from secvec_core.distributed import gathered_state_dict, is_sharded, rank_and_world
 from secvec_core.fingerprint import model_fingerprint
 from secvec_core.folding import FoldingError, FoldingOptions, folded_vectors, why_not_foldable
 from secvec_core.replay import SafetyReplay, replay_loss
+from secvec_core.seeding import seeded
 from secvec_core.training import TrainingHistory, TrainingHooks, train_loop
 from secvec_core.vectors import SecurityVector
 
 logger = logging.getLogger(__name__)
 
-ARTIFACT_METADATA = "secvec_artifact.json"
+__all__ = ["ARTIFACT_METADATA", "GuardedFinetuneResult", "TaskAdapterConfig", "guarded_finetune",
+           "reattach_for_evaluation"]
 Mode = Literal["lora", "full"]
 
 
@@ -80,7 +91,16 @@ class GuardedFinetuneResult:
             yield m
 
     def shipped_state_dict(self) -> dict[str, torch.Tensor]:
-        """Exactly the tensors that ship. No vector weights, by construction and by check."""
+        """Exactly the tensors that ship. No vector weights, by construction and by check.
+
+        A vector merged into the base weights (peft's ``merge_adapter``) would ship inside full weights
+        with no key or tensor to betray it, and would make every "vector off" evaluation wrong: refused.
+        """
+        merged = sorted({a for m in self.model.modules() for a in getattr(m, "merged_adapters", ())
+                         if a in self.vector_names})
+        if merged:
+            raise VectorLeakError(f"vectors {merged} are merged into the base weights; a vector must never be "
+                                  "merged (unmerge it, or retrain from the unmerged result)")
         if self.mode == "lora" and is_sharded(self.model):  # LoRA under parallel="fsdp": gather first
             from peft.utils import get_peft_model_state_dict
 
@@ -95,7 +115,7 @@ class GuardedFinetuneResult:
                      for k, v in gathered_state_dict(self.model).items() if "lora_" not in k}
         bad = [k for k in state if any(name in k for name in self.vector_names)]
         if bad:
-            raise AssertionError(f"vector weights in the shipped state: {bad[:3]}")
+            raise VectorLeakError(f"vector weights in the shipped state: {bad[:3]}")
         return state
 
     def save(self, directory: str | Path) -> Path:
@@ -120,7 +140,7 @@ class GuardedFinetuneResult:
                 weights_file = "model.safetensors"
                 save_tensors(tmp / weights_file, _untie(state, base))
             write_json(tmp / ARTIFACT_METADATA, {
-                "format": "secvec.finetuned/v1",
+                "format": ARTIFACT_FORMAT,
                 "mode": self.mode,
                 "base_fingerprint": self.base_fingerprint,
                 "data_hash": self.data_hash,
@@ -201,15 +221,16 @@ def guarded_finetune(
     if len(set(names)) != len(names):
         raise ValueError(f"two vectors share an adapter name: {names}")
     fingerprint = base_fingerprint or model_fingerprint(model)
-    torch.manual_seed(training.seed)
     peft_model: nn.Module = model
-    for vector in loaded:
-        peft_model = vector.attach(peft_model, allow_fingerprint_mismatch=allow_fingerprint_mismatch,
-                                   fingerprint=fingerprint)
     task_adapter = task_adapter or TaskAdapterConfig()
+    with seeded(training.seed):  # LoRA init: same adapter for the same seed, the caller's random stream untouched
+        for vector in loaded:
+            peft_model = vector.attach(peft_model, allow_fingerprint_mismatch=allow_fingerprint_mismatch,
+                                       fingerprint=fingerprint)
+        if mode == "lora":
+            peft_model = attach_adapter(peft_model, TASK_ADAPTER, lora_config(
+                task_adapter.rank, task_adapter.alpha, task_adapter.dropout, task_adapter.target_modules))
     if mode == "lora":
-        peft_model = attach_adapter(peft_model, TASK_ADAPTER, lora_config(
-            task_adapter.rank, task_adapter.alpha, task_adapter.dropout, task_adapter.target_modules))
         activate(peft_model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
     elif isinstance(peft_model, PeftModel):
         activate(peft_model, names, trainable=[], train_base=True)
@@ -220,7 +241,7 @@ def guarded_finetune(
     if leaked:
         raise AssertionError(f"vector parameters would train: {leaked[:3]}")
     rows = tokenize_examples(tokenizer, examples, training.max_length, training.truncation)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     folding = folding or FoldingOptions()
     fold = _decide_folding(peft_model, names, mode, False if safety_replay is not None else fold_vectors,
                            folding.allow_lossy)

@@ -32,8 +32,10 @@ def _run(script: str, *args: str, cwd: Path) -> str:
 
 def test_effectiveness_quick_on_the_tiny_model(tmp_path):
     results = tmp_path / "results"
-    _run("effectiveness.py", "--quick", "--model", "tiny", "--out-dir", str(results), cwd=tmp_path)
+    args = ("--quick", "--model", "tiny", "--out-dir", str(results), "--cache-dir", str(tmp_path / "cache"))
+    _run("effectiveness.py", *args, cwd=tmp_path)
     payload = json.loads((results / "effectiveness-tiny-quick.json").read_text())
+    assert not payload["reused"]
     text = (tmp_path / "RESULTS.md").read_text()
     for heading in ("### Headline: each attack family", "### Cross-family matrix", "### Erosion and tasks",
                     "| template-alt (held out) |", "Command: `python benchmarks/effectiveness.py"):
@@ -57,6 +59,11 @@ def test_effectiveness_quick_on_the_tiny_model(tmp_path):
     losses = payload["loss_matrix"]["template"]
     assert losses["template"] < losses["off"]  # the vector lowers the loss of the family it was trained on
     assert {t["target"] for t in payload["targets"]} >= {"aligned harmful rate <= 0.10"}
+    # a second run of the same command at the same code continues from the run cache: same rows, nothing retrained
+    _run("effectiveness.py", *args, cwd=tmp_path)
+    again = json.loads((results / "effectiveness-tiny-quick.json").read_text())
+    assert "aligned" in again["reused"] and len(again["reused"]) == len(payload["rows"]) + 4
+    assert [r["harmful"] for r in again["rows"]] == [r["harmful"] for r in rows]
 
 
 def test_overhead_on_the_tiny_model(tmp_path):

@@ -95,3 +95,25 @@ def test_replay_refuses_bad_settings(aligned, world):
     with pytest.raises(FoldingError, match="separate adapters"):
         guarded_finetune(model, tokenizer, world.fact_task(), [_vector(aligned, world)], training=TRAINING,
                          fold_vectors=True, safety_replay=SafetyReplay(world.alignment_examples()))
+
+
+@pytest.mark.slow
+def test_replay_settings_from_the_spec_land_in_mlflow_params(tmp_path):
+    """Through the pipeline (local Ray, SQLite): the guarded fine-tune trains with replay and logs its settings."""
+    from mlflow import MlflowClient
+
+    from tests.e2e import small_pipeline
+    from workflows.pipeline import run_pipeline
+    from workflows.specs import parse_spec
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = small_pipeline(uri, tmp_path / "work", workers=1, name="replay")
+    spec["stages"] = spec["stages"][:2]
+    spec["stages"][1]["safety_replay"] = {"data": {"builtin": "toy-alignment", "limit": 12}, "rows_per_step": 3}
+    run_pipeline(parse_spec(spec))
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("secvec-replay")
+    [stage_run] = client.search_runs([experiment.experiment_id], "tags.`secvec.stage` = 'ft'")
+    params = stage_run.data.params
+    assert params["safety_replay.rows_per_step"] == "3" and params["safety_replay.examples"] == "12"
+    assert params["safety_replay.weight"] == "1.0"

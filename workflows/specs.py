@@ -145,6 +145,16 @@ class FoldingSpec(Strict):
     allow_lossy: bool = Field(False, description="Fold into bfloat16 weights too (W + delta rounded once).")
 
 
+class SafetyReplaySpec(Strict):
+    """Alignment rows replayed with the vectors off in every step (against erosion and over-refusal)."""
+
+    data: DatasetRef = Field(..., description="The platform's alignment rows: refusals and the model's own "
+                             "benign answers (what the alignment stage trained on).")
+    rows_per_step: int = Field(2, gt=0, description="Replay rows added to every step (about a quarter of a "
+                               "batch of 8).")
+    weight: float = Field(1.0, gt=0, description="Weight of the replay loss next to the customer's loss.")
+
+
 class GuardedFinetuneStage(StageBase):
     kind: Literal["guarded_finetune"]
     data: DatasetRef
@@ -152,6 +162,9 @@ class GuardedFinetuneStage(StageBase):
     mode: Literal["lora", "full"] = "lora"
     adapter: VectorShape = Field(VectorShape(), description="Shape of the task adapter (lora mode).")
     training: TrainingSpec = TrainingSpec()
+    safety_replay: SafetyReplaySpec | None = Field(
+        None, description="Replay alignment rows with the vectors off (recommended with customer data: fine-tuning "
+        "on benign data alone erodes alignment, which a vector cannot absorb).")
     registered_model: str | None = Field(None, description="Defaults to '<base_name>.finetuned.<stage>'.")
     folding: FoldingSpec = Field(FoldingSpec(), description="The free guard (lora mode): vectors folded into "
                                  "a stashed copy of the base weights while the task adapter trains.")
