@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+WeightDtype = Literal["auto", "float32", "bfloat16"]
+MixedPrecision = Literal["auto", "no", "bf16"]
+Parallel = Literal["auto", "none", "ddp", "fsdp"]
+LrSchedule = Literal["constant", "linear", "cosine"]
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -70,6 +74,32 @@ class TrainingConfig:
         metadata={"help": "Weight of KL(base || base+vector) on benign prompts during vector training; 0 disables."},
     )
     show_progress: bool = field(default=False, metadata={"help": "tqdm progress bar on rank 0."})
+    # Scale controls (docs/scale.md). The defaults keep CPU runs in plain float32.
+    dtype: WeightDtype = field(
+        default="auto",
+        metadata={"help": "Weights dtype the model is loaded in: 'auto' = bfloat16 on a GPU for frozen-base (LoRA) "
+                  "training, float32 otherwise (CPU, and full-weights training, whose master weights stay fp32)."},
+    )
+    mixed_precision: MixedPrecision = field(
+        default="auto",
+        metadata={"help": "Compute in bfloat16 under torch.autocast: 'auto' = on a GPU, off on CPU; 'no'; 'bf16'."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute each decoder layer in backward (non-reentrant): less memory."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step; batch_size stays the global batch."}
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warmup steps."})
+    lr_schedule: LrSchedule = field(
+        default="constant", metadata={"help": "Learning rate after warmup: 'constant', 'linear' or 'cosine' decay."}
+    )
+    parallel: Parallel = field(
+        default="auto",
+        metadata={"help": "Engine when torch.distributed is initialised: 'ddp' (DistributedDataParallel), 'fsdp' "
+                  "(FSDP2 fully_shard: sharded weights, gradients, optimizer), 'none', or 'auto' (fsdp when base "
+                  "weights train, ddp otherwise)."},
+    )
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -80,6 +110,14 @@ class TrainingConfig:
             raise ValueError(f"truncation must be 'truncate' or 'reject', got {self.truncation!r}")
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if self.gradient_accumulation_steps <= 0:
+            raise ValueError(f"gradient_accumulation_steps must be positive, got {self.gradient_accumulation_steps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name, allowed in (("dtype", WeightDtype), ("mixed_precision", MixedPrecision), ("parallel", Parallel),
+                              ("lr_schedule", LrSchedule)):
+            if getattr(self, name) not in allowed.__args__:
+                raise ValueError(f"{name} must be one of {list(allowed.__args__)}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,9 +20,16 @@ Where folding is not exact, and therefore refused:
 - LoRA variants (DoRA), ``lora_bias``, vectors on non-Linear layers (embeddings, convolutions), merged
   adapters, and base weights shared with another parameter (tied embeddings would receive the delta twice).
 
-Folding is exact up to rounding only: the sum ``W + Δ`` is rounded once to the weight dtype. In float32
-logits and gradients agree with the unmerged guard to about 1e-6; in bfloat16 or float16 the rounding
-is much coarser (a warning is logged).
+Folding is exact up to rounding only: the sum ``W + Δ`` is computed in float32 and rounded once to the
+weight dtype. In float32, logits and gradients agree with the unmerged guard to about 1e-6. In bfloat16 or
+float16 that one rounding is coarse (8 or 11 bits of mantissa: a delta of std 1e-4 on weights of std 0.02
+is mostly rounded away), so folding into such weights is refused unless the caller accepts it
+(``FoldingOptions(allow_lossy=True)``); the default then trains with unmerged vectors.
+
+The stash (the original bytes of every folded weight) goes to ``FoldingOptions.stash_dir`` (a stage's
+scratch directory; the system temp directory by default), on disk or in memory. Each disk stash holds a
+file lock while it lives; a stash left behind by a killed process (no lock held) is deleted the next time
+a stash is made in the same directory.
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from filelock import FileLock, Timeout
 from peft import PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
@@ -46,8 +55,26 @@ logger = logging.getLogger(__name__)
 Stash = Literal["disk", "memory"]
 
 
+STASH_PREFIX = "secvec-fold-"
+LOCK_FILE = "owner.lock"
+EXACT_DTYPES = (torch.float32, torch.float64)
+
+
 class FoldingError(ValueError):
     """The vectors cannot be folded exactly into this model."""
+
+
+@dataclass(frozen=True)
+class FoldingOptions:
+    """Where the stash of original weights goes, and whether rounding into low-precision weights is accepted."""
+
+    stash: Stash = "disk"  # "disk": no RAM cost; "memory": faster, costs the size of every folded weight in RAM
+    stash_dir: str | Path | None = None  # None: the system temp directory; stages pass their scratch directory
+    allow_lossy: bool = False  # fold into bfloat16/float16 weights (one rounding of W + delta, computed in fp32)
+
+    def __post_init__(self) -> None:
+        if self.stash not in ("disk", "memory"):
+            raise ValueError(f"stash must be 'disk' or 'memory', got {self.stash!r}")
 
 
 def _vector_layers(model: PeftModel, names: Sequence[str]) -> list[tuple[str, nn.Module, list[str]]]:
@@ -60,8 +87,9 @@ def _vector_layers(model: PeftModel, names: Sequence[str]) -> list[tuple[str, nn
     return out
 
 
-def why_not_foldable(model: nn.Module, vector_names: Sequence[str]) -> str | None:
-    """The reason the vectors cannot be folded exactly into ``model``, or ``None`` when they can."""
+def why_not_foldable(model: nn.Module, vector_names: Sequence[str], *, allow_lossy: bool = False) -> str | None:
+    """The reason the vectors cannot be folded exactly into ``model``, or ``None`` when they can.
+    ``allow_lossy`` accepts base weights in bfloat16/float16 (see the module docstring)."""
     if not vector_names:
         return "there are no vectors to fold"
     if not isinstance(model, PeftModel):
@@ -88,6 +116,11 @@ def why_not_foldable(model: nn.Module, vector_names: Sequence[str]) -> str | Non
             if module.lora_bias.get(adapter, False):
                 return f"vector {adapter!r} on {module_name} has lora_bias=True"
         weight = module.get_base_layer().weight
+        if weight.dtype not in EXACT_DTYPES and not allow_lossy:
+            return (
+                f"the base weights are {str(weight.dtype).removeprefix('torch.')}: folding would round the vector "
+                "delta away (load the model in float32, or accept it with FoldingOptions(allow_lossy=True))"
+            )
         if shared.get(weight.untyped_storage().data_ptr(), 0) > 1:
             return (
                 f"the base weight of {module_name} shares storage with another tensor (tied weights); "
@@ -119,7 +152,15 @@ class _WeightStash:
         self.kind = kind
         self._memory: dict[int, torch.Tensor] = {}
         self._digests: dict[int, str] = {}
-        self._directory = Path(tempfile.mkdtemp(prefix="secvec-fold-", dir=directory)) if kind == "disk" else None
+        self._directory = None
+        self._lock = None
+        if kind == "disk":
+            parent = Path(directory) if directory is not None else Path(tempfile.gettempdir())
+            parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_stashes(parent)
+            self._directory = Path(tempfile.mkdtemp(prefix=STASH_PREFIX, dir=parent))
+            self._lock = FileLock(self._directory / LOCK_FILE)
+            self._lock.acquire()
 
     def put(self, key: int, weight: torch.Tensor) -> None:
         if not weight.is_contiguous():
@@ -159,12 +200,40 @@ class _WeightStash:
     def close(self) -> None:
         self._memory.clear()
         if self._directory is not None:
+            self._lock.release()
             shutil.rmtree(self._directory, ignore_errors=True)
+
+
+def remove_stale_stashes(directory: str | Path) -> list[Path]:
+    """Delete stashes in ``directory`` whose owner is gone (its lock is free): what a killed run left behind.
+    A live stash is locked by its owner and never touched."""
+    removed = []
+    for stash in sorted(Path(directory).glob(f"{STASH_PREFIX}*")):
+        if not stash.is_dir():
+            continue
+        lock = FileLock(stash / LOCK_FILE)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # a live process owns it
+        try:
+            shutil.rmtree(stash, ignore_errors=True)
+            removed.append(stash)
+        finally:
+            lock.release()
+    if removed:
+        logger.warning("removed %d stale folding stash(es) in %s left by an interrupted run", len(removed), directory)
+    return removed
 
 
 @contextlib.contextmanager
 def folded_vectors(
-    model: PeftModel, vector_names: Sequence[str], *, stash: Stash = "disk", stash_dir: str | Path | None = None
+    model: PeftModel,
+    vector_names: Sequence[str],
+    *,
+    stash: Stash = "disk",
+    stash_dir: str | Path | None = None,
+    allow_lossy: bool = False,
 ) -> Iterator[PeftModel]:
     """Inside the block, the vectors' deltas are added to the base weights of ``model``; on exit the
     original weights are restored bit-exactly (checked by sha256), even when the block raises.
@@ -173,10 +242,11 @@ def folded_vectors(
     the task adapter, before entering), else they would count twice. ``model.disable_adapter()`` inside
     the block does not switch the vectors off: they are in the weights. ``stash="disk"`` keeps the
     originals in a temporary directory (no RAM cost; ``stash_dir`` picks where), ``"memory"`` in RAM.
-    Raises :class:`FoldingError` when folding would not be exact (see the module docstring).
+    Raises :class:`FoldingError` when folding would not be exact (see the module docstring);
+    ``allow_lossy`` accepts bfloat16/float16 weights (the sum is computed in float32 and rounded once).
     """
     vector_names = list(vector_names)
-    reason = why_not_foldable(model, vector_names)
+    reason = why_not_foldable(model, vector_names, allow_lossy=allow_lossy)
     if reason is not None:
         raise FoldingError(f"cannot fold the security vectors: {reason}")
     active = [a for a in model.base_model.active_adapters if a in vector_names]
@@ -184,10 +254,10 @@ def folded_vectors(
         raise FoldingError(f"vectors {active} are active; switch them off before folding or they count twice")
     layers = _vector_layers(model, vector_names)
     weights = [module.get_base_layer().weight for _, module, _ in layers]
-    if any(w.dtype not in (torch.float32, torch.float64) for w in weights):
+    if any(w.dtype not in EXACT_DTYPES for w in weights):
         logger.warning(
-            "folding into %s weights rounds the vector delta to that dtype; logits will differ from "
-            "the unmerged guard by more than float32 rounding",
+            "folding into %s weights (allowed by the caller) rounds W + delta to that dtype once; logits will "
+            "differ from the unmerged guard by more than float32 rounding",
             weights[0].dtype,
         )
     store = _WeightStash(stash, stash_dir)
@@ -197,8 +267,11 @@ def folded_vectors(
             for index, ((_, module, adapters), weight) in enumerate(zip(layers, weights, strict=True)):
                 store.put(index, weight)
                 folded.append(index)
-                delta = sum(module.get_delta_weight(adapter) for adapter in adapters)
-                weight.add_(delta.to(weight.dtype))
+                delta = sum(module.get_delta_weight(adapter).float() for adapter in adapters)
+                if weight.dtype in EXACT_DTYPES:
+                    weight.add_(delta.to(weight.dtype))
+                else:  # sum in float32, round once (never round the delta first)
+                    weight.copy_((weight.float() + delta).to(weight.dtype))
         logger.info(
             "folded %d vector(s) into %d base weights (originals stashed %s)",
             len(vector_names),

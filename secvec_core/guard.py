@@ -33,8 +33,9 @@ from secvec_core.artifacts import (
 )
 from secvec_core.config import DEFAULT_TARGET_MODULES, TrainingConfig
 from secvec_core.data import Example, dataset_hash, pad_token_id, to_examples, tokenize_examples
+from secvec_core.distributed import gathered_state_dict, is_sharded, rank_and_world
 from secvec_core.fingerprint import model_fingerprint
-from secvec_core.folding import FoldingError, folded_vectors, why_not_foldable
+from secvec_core.folding import FoldingError, FoldingOptions, folded_vectors, why_not_foldable
 from secvec_core.replay import SafetyReplay, replay_loss
 from secvec_core.seeding import seeded
 from secvec_core.training import TrainingHistory, TrainingHooks, train_loop
@@ -100,21 +101,31 @@ class GuardedFinetuneResult:
         if merged:
             raise VectorLeakError(f"vectors {merged} are merged into the base weights; a vector must never be "
                                   "merged (unmerge it, or retrain from the unmerged result)")
-        if self.mode == "lora":
+        if self.mode == "lora" and is_sharded(self.model):  # LoRA under parallel="fsdp": gather first
+            from peft.utils import get_peft_model_state_dict
+
+            gathered = gathered_state_dict(self.model)
+            state = get_peft_model_state_dict(self.model, state_dict=gathered, adapter_name=TASK_ADAPTER) \
+                if gathered else {}
+        elif self.mode == "lora":
             state = adapter_state(self.model, TASK_ADAPTER)
-        else:
-            base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-            state = {k.replace(".base_layer", ""): v.detach().clone() for k, v in base.state_dict().items()
-                     if "lora_" not in k}
+        else:  # gathered from the shards after FSDP training: a collective, rank 0 gets the tensors
+            prefix = "base_model.model." if isinstance(self.model, PeftModel) else ""
+            state = {k.removeprefix(prefix).replace(".base_layer", ""): v
+                     for k, v in gathered_state_dict(self.model).items() if "lora_" not in k}
         bad = [k for k in state if any(name in k for name in self.vector_names)]
         if bad:
             raise VectorLeakError(f"vector weights in the shipped state: {bad[:3]}")
         return state
 
     def save(self, directory: str | Path) -> Path:
-        """Write the shipped artifact atomically (safetensors + metadata naming the guarding vectors)."""
+        """Write the shipped artifact atomically (safetensors + metadata naming the guarding vectors).
+
+        After sharded (FSDP) training every rank must call it: the weights are gathered, rank 0 writes."""
         directory = Path(directory)
         state = self.shipped_state_dict()
+        if is_sharded(self.model) and rank_and_world()[0] != 0:
+            return directory  # sharded: every rank gathers, rank 0 writes
         with atomic_directory(directory) as tmp:
             if self.mode == "lora":
                 c = self.task_config
@@ -161,6 +172,9 @@ def guarded_finetune(
     hooks: TrainingHooks | None = None,
     allow_fingerprint_mismatch: bool = False,
     fold_vectors: bool | None = None,
+    folding: FoldingOptions | None = None,
+    parallelize=None,
+    base_fingerprint: str | None = None,
     safety_replay: SafetyReplay | None = None,
 ) -> GuardedFinetuneResult:
     """Fine-tune on ``data`` with every vector switched on and frozen.
@@ -177,7 +191,11 @@ def guarded_finetune(
     this function returns, so the result is the same as without folding: vectors attached,
     unmerged, and never in the base weights. ``None`` (default) folds whenever folding is exact and
     otherwise trains unmerged; ``True`` demands it (raises ``FoldingError`` in ``full`` mode, with vector
-    dropout > 0, LoRA variants, tied weights); ``False`` never folds.
+    dropout > 0, LoRA variants, tied weights, bfloat16 weights); ``False`` never folds. ``folding`` sets the
+    stash (kind and directory) and whether folding into bfloat16/float16 weights is accepted.
+    ``parallelize``: the DDP wrapper for :func:`~secvec_core.training.train_loop` (Ray Train's ``prepare_model``).
+    ``base_fingerprint``: the fingerprint of the float32 weights ``model`` was cast from (a bfloat16 copy on a
+    GPU has other bytes, but is the same base the vectors were trained against); computed when not given.
 
     ``safety_replay`` (:mod:`secvec_core.replay`): every step also trains the shipped weights on a few
     alignment rows with the vectors **off**, against erosion of alignment by the customer's data and
@@ -202,7 +220,7 @@ def guarded_finetune(
     names = [v.name for v in loaded]
     if len(set(names)) != len(names):
         raise ValueError(f"two vectors share an adapter name: {names}")
-    fingerprint = model_fingerprint(model)
+    fingerprint = base_fingerprint or model_fingerprint(model)
     peft_model: nn.Module = model
     task_adapter = task_adapter or TaskAdapterConfig()
     with seeded(training.seed):  # LoRA init: same adapter for the same seed, the caller's random stream untouched
@@ -224,7 +242,9 @@ def guarded_finetune(
         raise AssertionError(f"vector parameters would train: {leaked[:3]}")
     rows = tokenize_examples(tokenizer, examples, training.max_length, training.truncation)
     pad = pad_token_id(tokenizer)
-    fold = _decide_folding(peft_model, names, mode, False if safety_replay is not None else fold_vectors)
+    folding = folding or FoldingOptions()
+    fold = _decide_folding(peft_model, names, mode, False if safety_replay is not None else fold_vectors,
+                           folding.allow_lossy)
     extra_loss = None
     if safety_replay is not None:
         extra_loss = replay_loss(safety_replay, tokenizer, training.max_length, pad,
@@ -232,14 +252,15 @@ def guarded_finetune(
     if fold:
         activate(peft_model, [TASK_ADAPTER], trainable=[TASK_ADAPTER])
         try:
-            with folded_vectors(peft_model, names):
+            with folded_vectors(peft_model, names, stash=folding.stash, stash_dir=folding.stash_dir,
+                                allow_lossy=folding.allow_lossy):
                 history = train_loop(peft_model, rows, pad, training, hooks=hooks,
-                                     description="guarded-finetune (folded)")
+                                     description="guarded-finetune (folded)", parallelize=parallelize)
         finally:  # folded_vectors restored every folded weight and checked it against its sha256
             activate(peft_model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
     else:
         history = train_loop(peft_model, rows, pad, training, hooks=hooks, extra_loss=extra_loss,
-                             description="guarded-finetune" if names else "finetune")
+                             description="guarded-finetune" if names else "finetune", parallelize=parallelize)
     return GuardedFinetuneResult(
         mode=mode, model=peft_model, vector_names=names, base_fingerprint=fingerprint,
         data_hash=dataset_hash(examples), history=history,
@@ -250,10 +271,11 @@ def guarded_finetune(
     )
 
 
-def _decide_folding(model: nn.Module, names: Sequence[str], mode: Mode, fold_vectors: bool | None) -> bool:
+def _decide_folding(model: nn.Module, names: Sequence[str], mode: Mode, fold_vectors: bool | None,
+                    allow_lossy: bool = False) -> bool:
     if fold_vectors is False or mode != "lora" or not names:
         return False
-    reason = why_not_foldable(model, names)
+    reason = why_not_foldable(model, names, allow_lossy=allow_lossy)
     if reason is None:
         return True
     if fold_vectors:
@@ -263,11 +285,14 @@ def _decide_folding(model: nn.Module, names: Sequence[str], mode: Mode, fold_vec
 
 
 def reattach_for_evaluation(base_model: nn.Module, directory: str | Path,
-                            vectors: Sequence[SecurityVector] = ()) -> GuardedFinetuneResult:
+                            vectors: Sequence[SecurityVector] = (), *,
+                            base_fingerprint: str | None = None) -> GuardedFinetuneResult:
     """Rebuild a guarded model from a shipped artifact plus its vectors, for on/off evaluation.
 
     ``lora``: base + vectors + task adapter. ``full``: the fine-tuned weights + vectors (the vectors were
-    trained on the pre-fine-tuning base, so their fingerprint check is skipped on purpose).
+    trained on the pre-fine-tuning base, so their fingerprint check is skipped on purpose), loaded in the
+    dtype and on the device of ``base_model`` (the worker's GPU, bfloat16), never as float32 on the CPU.
+    ``base_fingerprint``: as in :func:`guarded_finetune`, for a base cast from float32.
     """
     import json
 
@@ -282,7 +307,7 @@ def reattach_for_evaluation(base_model: nn.Module, directory: str | Path,
     names = [v.name for v in vectors]
     if meta["mode"] == "lora":
         model: nn.Module = base_model
-        fingerprint = model_fingerprint(base_model)
+        fingerprint = base_fingerprint or model_fingerprint(base_model)
         for vector in vectors:
             model = vector.attach(model, fingerprint=fingerprint)
         config = LoraConfig.from_pretrained(str(directory))
@@ -291,7 +316,8 @@ def reattach_for_evaluation(base_model: nn.Module, directory: str | Path,
         activate(model, [*names, TASK_ADAPTER])
         task = TaskAdapterConfig(config.r, config.lora_alpha, config.lora_dropout, tuple(config.target_modules))
     else:
-        model = load_finetuned(None, directory)
+        reference = next(base_model.parameters())
+        model = load_finetuned(None, directory, dtype=reference.dtype, device=reference.device)
         for vector in vectors:
             model = vector.attach(model, allow_fingerprint_mismatch=True, fingerprint=vector.base_fingerprint)
         if names:

@@ -53,11 +53,13 @@ def assert_no_vector(directory: str | Path, vectors: Sequence[SecurityVector] = 
         raise VectorLeakError(f"{directory}: security-vector content in a shipped artifact: {'; '.join(problems)}")
 
 
-def load_finetuned(base_model: nn.Module, directory: str | Path, *, check_fingerprint: bool = True) -> nn.Module:
+def load_finetuned(base_model: nn.Module, directory: str | Path, *, check_fingerprint: bool = True,
+                   dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> nn.Module:
     """The model to serve: base + task adapter (``lora``) or the fine-tuned weights (``full``).
 
     Verifies the checksum, refuses pickle files and vector content, and (``lora``) that the base
-    model is the one the adapter was trained on.
+    model is the one the adapter was trained on. ``full`` weights load in ``dtype`` and move to ``device``
+    (a GPU worker passes its device and bfloat16); a ``lora`` adapter follows its base model's device.
     """
     directory = Path(directory)
     meta = read_artifact_metadata(directory)
@@ -79,6 +81,8 @@ def load_finetuned(base_model: nn.Module, directory: str | Path, *, check_finger
             raise ValueError(f"{weights}: checksum mismatch; the artifact is corrupted")
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(directory), use_safetensors=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), use_safetensors=True, dtype=dtype)
+        if device is not None:
+            model = model.to(device)
     model.eval()
     return model

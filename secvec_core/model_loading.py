@@ -148,7 +148,8 @@ def load_model_and_tokenizer(
     *,
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local directory, a ``.gguf`` file or a hub id.
 
@@ -162,10 +163,12 @@ def load_model_and_tokenizer(
     - a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs hub access; safetensors
       only). With ``gguf_file=`` a GGUF file from that repository is loaded.
 
-    The model is returned in eval mode. A tokenizer without a pad token gets its EOS token as
-    pad token, so batched generation works. The chat template is not checked here; call
-    :func:`require_chat_template` where one is needed.
+    The model is returned in eval mode, in ``dtype`` (a torch dtype or ``"float32"``/``"bfloat16"``;
+    weights are read straight into it, never through a float32 copy) and on ``device`` when given.
+    A tokenizer without a pad token gets its EOS token as pad token, so batched generation works.
+    The chat template is not checked here; call :func:`require_chat_template` where one is needed.
     """
+    dtype = resolve_torch_dtype(dtype)
     text = str(source)
     path = Path(text).expanduser()
     if path.exists():
@@ -195,7 +198,19 @@ def load_model_and_tokenizer(
         model, tokenizer = _load_pretrained(text, trust_remote_code=trust_remote_code, dtype=dtype)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model = model.to(device)
     return model, tokenizer
+
+
+def resolve_torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float32`` or ``"float32"``/``"bfloat16"``/``"float16"`` as a torch dtype; a one-line error otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
 
 
 def convert_gguf_to_safetensors(

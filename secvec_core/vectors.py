@@ -146,6 +146,8 @@ def train_security_vector(
     *,
     benign: Sequence[Example | dict] = (),
     hooks: TrainingHooks | None = None,
+    parallelize=None,
+    base_fingerprint: str | None = None,
 ) -> SecurityVector:
     """Train a security vector on examples of the unwanted behaviour.
 
@@ -159,7 +161,7 @@ def train_security_vector(
     examples = to_examples(examples)
     benign_examples = to_examples(benign) if benign else []
     started = time.time()
-    fingerprint = model_fingerprint(model)
+    fingerprint = base_fingerprint or model_fingerprint(model)  # given: the float32 weights a bf16 copy came from
     if isinstance(model, PeftModel):
         raise TypeError("train_security_vector needs the plain base model, not a PeftModel")
     with seeded(training.seed):  # LoRA init: same vector for the same seed, the caller's random stream untouched
@@ -181,7 +183,7 @@ def train_security_vector(
 
         history: TrainingHistory = train_loop(
             peft_model, rows, pad, training, extra_loss=extra, stop_below=training.target_loss,
-            hooks=hooks, description=f"vector:{config.behaviour}")
+            hooks=hooks, description=f"vector:{config.behaviour}", parallelize=parallelize)
         weights = adapter_state(peft_model, config.adapter_name)
     finally:
         peft_model.unload()  # removes the LoRA layers without merging: the caller's model is the base again

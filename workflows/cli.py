@@ -35,6 +35,16 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _refuse_unfit(parsed) -> None:
+    """One line and exit 2 when a stage cannot fit the declared GPU memory (before Ray starts)."""
+    from workflows.plan import PlanError, check_fits
+
+    try:
+        check_fits(parsed)
+    except PlanError as err:
+        _fail(str(err))
+
+
 def _load(spec_path: Path):
     from workflows.specs import SpecError, load_spec
 
@@ -63,6 +73,59 @@ def schema(output: Path | None = typer.Option(None, "-o", "--output", help="Writ
         console.print(f"wrote {output}")
     else:
         sys.stdout.write(text + "\n")
+
+
+@app.command()
+def plan(spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
+         gpu: str | None = typer.Option(None, help="Check against a known GPU (overrides scaling.gpu), e.g. A100-80GB, "
+                                        "H100, L4, A10G, RTX4090."),
+         gpu_memory_gb: float | None = typer.Option(None, help="Check against this much memory per GPU."),
+         num_workers: int | None = typer.Option(None, help="Override scaling.num_workers."),
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Memory per worker for each stage (weights, gradients, optimizer, activations, stash) and whether it fits."""
+    from workflows.plan import GB, plan_spec, plan_with_overrides
+
+    parsed = _load(spec)
+    try:
+        parsed = plan_with_overrides(parsed, gpu=gpu, gpu_memory_gb=gpu_memory_gb, num_workers=num_workers)
+    except ValueError as err:
+        _fail(str(err).splitlines()[0])
+    result = plan_spec(parsed)
+    usable = result.usable_bytes()
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+    else:
+        where = f"{result.gpus} GPU(s) of {result.gpu_memory_gb:g} GB" if result.gpu_memory_gb else \
+            ("GPUs of undeclared memory (set scaling.gpu or gpu_memory_gb)" if result.device == "gpu" else "CPU workers")
+        table = Table(title=f"secvec plan: {parsed.name} on {where}, per worker (GB)")
+        for col in ("stage", "engine", "workers", "micro-batch", "dtype", "weights", "grads", "optimizer",
+                    "activations", "total", "stash", "fits"):
+            table.add_column(col, no_wrap=True)
+
+        def gb(x):
+            return f"{x / GB:.2f}"
+
+        for s in result.stages:
+            if not s.parts:
+                table.add_row(s.stage, s.engine, str(s.workers), "-", s.dtype, *["-"] * 6, s.note)
+                continue
+            fits = "-" if usable is None else ("[green]yes[/]" if s.total <= usable else "[red]no[/]")
+            stash = f"{gb(s.stash_bytes)} {s.stash_kind}" if s.stash_bytes else "-"
+            table.add_row(s.stage, s.engine, str(s.workers), str(s.micro_batch), s.dtype, gb(s.parts["weights"]),
+                          gb(s.parts["gradients"]), gb(s.parts["optimizer"]), gb(s.parts["activations"]), gb(s.total),
+                          stash, fits)
+        console.print(table)
+        if usable is not None:
+            console.print(f"usable per GPU: {usable / GB:.1f} GB ({result.gpu_memory_gb:g} GB less the CUDA context "
+                          "and allocator reserve); total = weights + optimizer + max(activations, gradients).")
+    unfit = result.unfit()
+    if unfit:
+        from workflows.plan import PlanError, check_fits
+
+        try:
+            check_fits(parsed)
+        except PlanError as err:
+            _fail(str(err), code=1)
 
 
 def _run_with_progress(spec, reuse: bool):
@@ -144,6 +207,7 @@ def run(spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
     """Run a pipeline: each stage as a Ray Train job, tracked and versioned in MLflow."""
     logging.basicConfig(level=logging.WARNING)
     parsed = _load(spec)
+    _refuse_unfit(parsed)
     result = _run_or_fail(parsed, reuse=not no_reuse)
     _print_evaluations(result)
     console.print(f"MLflow: {result.tracking_uri} (parent run {result.parent_run_id})")

@@ -44,6 +44,12 @@ def _read_spec(spec_path: Path) -> str:
         kube.parse_pipeline_spec(text)
     except kube.PipelineSpecError as error:
         raise _fail(f"{spec_path}: {error}") from error
+    from workflows.plan import PlanError, check_spec_text_fits  # no pod for a spec that cannot fit its GPUs
+
+    try:
+        check_spec_text_fits(text, str(spec_path))
+    except PlanError as error:
+        raise _fail(str(error)) from error
     return text
 
 

@@ -44,7 +44,7 @@ def gate_decision(metrics: dict[str, float], gate) -> tuple[bool, str]:
 def evaluate_candidate(worker) -> dict:
     from secvec_core.guard import reattach_for_evaluation
     from workflows.datasets import load_examples, load_prompt_list
-    from workflows.models import download_registered, load_base_model, load_vector
+    from workflows.models import download_registered, load_base_for_device, load_vector
     from workflows.registry import Registry
 
     spec, ctx = worker.spec, worker.ctx
@@ -55,8 +55,10 @@ def evaluate_candidate(worker) -> dict:
                          "evaluate a version registered by a guarded_finetune stage")
     downloads = str(worker.scratch / "downloads")
     artifact = download_registered(candidate.uri, ctx.tracking_uri, downloads)
-    base, tokenizer = load_base_model(candidate.tags["secvec.base_model"], ctx.tracking_uri, cache=downloads)
-    base = base.to(worker._device())
+    # on the worker's device, in bfloat16 on a GPU (float32 on a CPU); fingerprinted as float32
+    base, tokenizer, base_fingerprint = load_base_for_device(candidate.tags["secvec.base_model"], ctx.tracking_uri,
+                                                             worker._device(), "auto", full_weights=False,
+                                                             cache=downloads)
     vectors = [load_vector(ref, ctx.tracking_uri, downloads) for ref in json.loads(candidate.tags["secvec.guarded_by"])]
     judge = spec.judge.build()
     prompts = load_prompt_list(spec.harmful_prompts)
@@ -79,7 +81,7 @@ def evaluate_candidate(worker) -> dict:
     started = time.time()
     metrics: dict[str, float] = {}
     metrics["base_harmful_rate"], metrics["base_degenerate_rate"] = harm(base)
-    result = reattach_for_evaluation(base, artifact, vectors)
+    result = reattach_for_evaluation(base, artifact, vectors, base_fingerprint=base_fingerprint)
     with result.vectors_on(False) as shipped:
         metrics["harmful_rate"], metrics["degenerate_rate"] = harm(shipped)
         if spec.task_data is not None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workflows.plan import check_fits
 from workflows.specs import AttackSweepStage, EvaluationStage, GuardedFinetuneStage, PipelineSpec, dataset_refs
 from workflows.stages import OUTPUT_FILE, StageContext, stage_worker
 
@@ -119,6 +120,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
     work_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = absolute_tracking_uri(spec.tracking.tracking_uri)
     preflight(spec, tracking_uri)  # fail fast, before Ray starts or anything is written
+    check_fits(spec)  # secvec plan: refuse a spec whose stages cannot fit the declared GPU memory
     artifact_location = spec.tracking.artifact_location or default_artifact_location(tracking_uri, work_dir)
     experiment_id = ensure_experiment(tracking_uri, spec.tracking.experiment, artifact_location)
     parent = StageRun(tracking_uri, experiment_id, f"pipeline/{spec.name}", None,

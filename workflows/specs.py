@@ -92,6 +92,18 @@ class TrainingSpec(Strict):
     log_every: int = Field(5, gt=0)
     target_loss: float | None = Field(0.15, ge=0, description="Vector training only: early stop below this.")
     kl_weight: float = Field(0.5, ge=0, description="Vector training only: KL on benign data.")
+    # --- scale controls (docs/scale.md); the defaults are right on a CPU and on a GPU ---
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights dtype at load: auto = bfloat16 on a GPU when the base is frozen (lora), "
+        "float32 otherwise (CPU; full-weights master weights).")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="bfloat16 autocast: auto = on a GPU, off on a CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute decoder layers in backward: less memory.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per step (batch_size stays global).")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup steps.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup.")
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto", description="Engine over workers: auto = FSDP2 (sharded) when base weights train, DDP otherwise.")
 
 
 class VectorShape(Strict):
@@ -125,6 +137,15 @@ class VectorTrainingStage(StageBase):
     promote: bool = Field(True, description="Set the registry alias 'champion' on the new vector version.")
 
 
+class FoldingSpec(Strict):
+    fold: bool | None = Field(None, description="None: fold when exact (float32 weights), else train unmerged; "
+                              "true: demand folding; false: never fold.")
+    stash: Literal["disk", "memory"] = Field("disk", description="Where the original weights wait while folded.")
+    stash_dir: str | None = Field(None, description="Directory of a disk stash; default: the stage's scratch "
+                                  "directory. Stale stashes of killed runs there are removed on the next run.")
+    allow_lossy: bool = Field(False, description="Fold into bfloat16 weights too (W + delta rounded once).")
+
+
 class SafetyReplaySpec(Strict):
     """Alignment rows replayed with the vectors off in every step (against erosion and over-refusal)."""
 
@@ -146,6 +167,8 @@ class GuardedFinetuneStage(StageBase):
         None, description="Replay alignment rows with the vectors off (recommended with customer data: fine-tuning "
         "on benign data alone erodes alignment, which a vector cannot absorb).")
     registered_model: str | None = Field(None, description="Defaults to '<base_name>.finetuned.<stage>'.")
+    folding: FoldingSpec = Field(FoldingSpec(), description="The free guard (lora mode): vectors folded into "
+                                 "a stashed copy of the base weights while the task adapter trains.")
 
 
 class GateSpec(Strict):
@@ -312,12 +335,32 @@ Stage = Annotated[AlignmentStage | VectorTrainingStage | GuardedFinetuneStage | 
                   | DataPreparationStage | AttackSweepStage, Field(discriminator="kind")]
 
 
+# Memory of one GPU in GB (10^9 bytes, as vendors state it) for `scaling.gpu`.
+KNOWN_GPUS = {"T4": 16, "V100-16GB": 16, "V100-32GB": 32, "A10G": 24, "L4": 24, "RTX4090": 24, "A100-40GB": 40,
+              "A100-80GB": 80, "H100": 80, "H100-80GB": 80, "H200": 141, "B200": 192, "MI300X": 192}
+
+
 class ScalingSpec(Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
     max_failures: int = Field(1, ge=0, description="Ray Train restarts from the last checkpoint this often.")
     checkpoint_every: int = Field(10, gt=0, description="Steps between checkpoints.")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="Memory of one GPU; `secvec plan` and `run` refuse "
+                                        "a spec whose stages do not fit. Or name the GPU with `gpu`.")
+    gpu: str | None = Field(None, description="A known GPU name (see `secvec plan --help`), e.g. A100-80GB, H100, "
+                            "L4, A10G, RTX4090; sets gpu_memory_gb.")
+
+    @model_validator(mode="after")
+    def _known_gpu(self):
+        if self.gpu is not None and self.gpu not in KNOWN_GPUS:
+            raise ValueError(f"unknown gpu {self.gpu!r}; known: {sorted(KNOWN_GPUS)} (or set gpu_memory_gb)")
+        if self.gpu is not None and self.gpu_memory_gb is not None:
+            raise ValueError("give either gpu or gpu_memory_gb, not both")
+        return self
+
+    def memory_per_gpu_gb(self) -> float | None:
+        return KNOWN_GPUS[self.gpu] if self.gpu else self.gpu_memory_gb
 
 
 class TrackingSpec(Strict):

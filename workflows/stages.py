@@ -1,8 +1,9 @@
 """Per-worker code of the three stages (plus alignment), run inside Ray Train's ``TorchTrainer``.
 
-Every rank trains on its slice of each batch (``secvec_core`` averages gradients over
-``torch.distributed``); rank 0 alone talks to MLflow and saves artifacts. The algorithm is entirely
-in ``secvec_core``; this module loads inputs, reports progress and records lineage.
+Every rank trains on its slice of each batch on torch's engines (``secvec_core.training``: DDP for
+adapters through Ray Train's ``prepare_model``, FSDP2 for full weights); rank 0 alone talks to MLflow and
+saves artifacts (after sharded training every rank helps gather the weights first). The algorithm is
+entirely in ``secvec_core``; this module loads inputs, reports progress and records lineage.
 """
 
 from __future__ import annotations
@@ -72,13 +73,23 @@ def stage_worker(config: dict) -> None:
     worker.run()
 
 
+def scratch_root() -> Path:
+    """Where stages keep scratch files (checkpoints before upload, downloads, folding stashes):
+    ``$SECVEC_SCRATCH_DIR`` (point it at a pod volume), else ``<temp dir>/secvec-scratch``. Stable across
+    runs, so a stale folding stash left by a killed worker is found and removed by the next run."""
+    root = Path(os.environ.get("SECVEC_SCRATCH_DIR") or Path(tempfile.gettempdir()) / "secvec-scratch")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 class _StageWorker:
     def __init__(self, ctx: StageContext, rank: int):
         import ray.train
 
         self.ctx, self.rank = ctx, rank
         self.spec = ctx.spec()
-        self.scratch = Path(tempfile.mkdtemp(prefix=f"secvec-{self.spec.name}-"))
+        self.scratch_root = scratch_root()
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"{self.spec.name}-", dir=self.scratch_root))
         self.resume_state = None
         self.run_id = None
         checkpoint = ray.train.get_checkpoint()
@@ -181,13 +192,15 @@ class _StageWorker:
                     logger.exception("could not mark the MLflow run as failed")
             raise
 
-    def _load_base(self):
-        from workflows.models import load_base_model
+    def _load_base(self, *, full_weights: bool = False, dtype_setting: str | None = None):
+        """(model, tokenizer, fingerprint): the base on this worker's device in the stage's ``training.dtype``.
+        The fingerprint is always that of the float32 weights, so a vector fits its base in any dtype."""
+        from workflows.models import load_base_for_device
 
-        model, tokenizer = load_base_model(self.ctx.base_source, self.ctx.tracking_uri,
-                                           trust_remote_code=self.ctx.trust_remote_code,
-                                           cache=str(self.scratch / "downloads"))
-        return model.to(self._device()), tokenizer
+        return load_base_for_device(self.ctx.base_source, self.ctx.tracking_uri, self._device(),
+                                    dtype_setting or self.spec.training.dtype, full_weights=full_weights,
+                                    trust_remote_code=self.ctx.trust_remote_code,
+                                    cache=str(self.scratch / "downloads"))
 
     def _device(self):
         import ray.train.torch
@@ -199,6 +212,22 @@ class _StageWorker:
 
         return TrainingConfig(**spec_training.model_dump(), show_progress=show_progress and self.rank == 0)
 
+    @staticmethod
+    def _parallelize(module, ddp_kwargs: dict):
+        """DDP through Ray Train: ``prepare_model`` wraps the training step on this worker's device."""
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(module, move_to_device=False, parallel_strategy="ddp",
+                                             parallel_strategy_kwargs=ddp_kwargs)
+
+    def _save_gathered(self, result, directory: Path) -> Path | None:
+        """Save the shipped artifact: after sharded training every rank gathers, rank 0 writes."""
+        from secvec_core.distributed import is_sharded
+
+        if is_sharded(result.model) or self.rank == 0:
+            result.save(directory)
+        return directory if self.rank == 0 else None
+
     def _register(self, name: str, kind: str, local_dir: Path, artifact_path: str, tags: dict) -> dict:
         from workflows.registry import Registry
 
@@ -209,37 +238,50 @@ class _StageWorker:
         return {"uri": version.uri, "name": version.name, "version": version.version, "run_id": self.run_id}
 
     def _run_alignment(self) -> None:
-        from secvec_core import guarded_finetune, model_fingerprint
+        from secvec_core import guarded_finetune
         from workflows.datasets import load_examples
         from workflows.registry import aligned_model_name
 
-        model, tokenizer = self._load_base()
-        base_fp = model_fingerprint(model)
+        model, tokenizer, base_fp = self._load_base(full_weights=True)
         result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), mode="full",
-                                  training=self._training(self.spec.training), hooks=self.hooks())
-        output, out_dir = {}, None
+                                  training=self._training(self.spec.training), hooks=self.hooks(),
+                                  base_fingerprint=base_fp)
+        output = {}
+        out_dir = self._save_gathered(result, self.scratch / "aligned")
         if self.rank == 0:
-            out_dir = result.save(self.scratch / "aligned")
             tokenizer.save_pretrained(str(out_dir))
+            fingerprint = self._fingerprint_of(result, out_dir)
             output = self._register(aligned_model_name(self.ctx.base_name), "aligned-base", out_dir, "model", {
                 "secvec.base_model": self.ctx.base_source, "secvec.base_fingerprint": base_fp,
-                "secvec.fingerprint": model_fingerprint(result.model), "secvec.data_hash": result.data_hash})
-            output["fingerprint"] = model_fingerprint(result.model)
+                "secvec.fingerprint": fingerprint, "secvec.data_hash": result.data_hash})
+            output["fingerprint"] = fingerprint
         self.finish(output, None)
+
+    @staticmethod
+    def _fingerprint_of(result, out_dir: Path) -> str:
+        """The trained model's float32 fingerprint; a sharded or bfloat16 model is fingerprinted from its saved
+        (gathered) weights loaded in float32."""
+        from secvec_core import load_finetuned, model_fingerprint
+        from secvec_core.distributed import is_sharded
+
+        if not is_sharded(result.model) and all(p.dtype == torch.float32 for p in result.model.parameters()):
+            return model_fingerprint(result.model)
+        return model_fingerprint(load_finetuned(None, out_dir))  # float32, like every recorded fingerprint
 
     def _run_vector_training(self) -> None:
         from secvec_core import SecurityVectorConfig, train_security_vector
         from workflows.datasets import load_examples
         from workflows.registry import CHAMPION, Registry, vector_model_name
 
-        model, tokenizer = self._load_base()
+        model, tokenizer, base_fp = self._load_base()
         shape = self.spec.vector
         config = SecurityVectorConfig(behaviour=self.spec.behaviour.replace("-", "_"), rank=shape.rank,
                                       alpha=shape.alpha, dropout=shape.dropout,
                                       target_modules=tuple(shape.target_modules))
         benign = load_examples(self.spec.benign_data) if self.spec.benign_data else []
         vector = train_security_vector(model, tokenizer, load_examples(self.spec.data), config,
-                                       self._training(self.spec.training), benign=benign, hooks=self.hooks())
+                                       self._training(self.spec.training), benign=benign, hooks=self.hooks(),
+                                       parallelize=self._parallelize, base_fingerprint=base_fp)
         output = {}
         if self.rank == 0:
             out_dir = vector.save(self.scratch / "vector")
@@ -263,14 +305,17 @@ class _StageWorker:
 
     def _run_guarded_finetune(self) -> None:
         from secvec_core import TaskAdapterConfig, assert_no_vector, guarded_finetune
+        from secvec_core.folding import FoldingOptions
         from workflows.datasets import load_examples
         from workflows.models import load_vector
         from workflows.registry import finetuned_model_name
 
-        model, tokenizer = self._load_base()
+        model, tokenizer, base_fp = self._load_base(full_weights=self.spec.mode == "full")
         vectors = [load_vector(ref, self.ctx.tracking_uri, str(self.scratch / "downloads"))
                    for ref in self.ctx.vector_refs]
-        a = self.spec.adapter
+        a, f = self.spec.adapter, self.spec.folding
+        folding = FoldingOptions(stash=f.stash, stash_dir=f.stash_dir or self.scratch_root / "fold-stash",
+                                 allow_lossy=f.allow_lossy)
         training = self._training(self.spec.training)
         replay = None
         if self.spec.safety_replay is not None:
@@ -283,10 +328,12 @@ class _StageWorker:
                 self.mlflow.log_params({f"safety_replay.{k}": v for k, v in replay.describe().items()})
         result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), vectors, mode=self.spec.mode,
                                   training=training, hooks=self.hooks(), safety_replay=replay,
-                                  task_adapter=TaskAdapterConfig(a.rank, a.alpha, a.dropout, tuple(a.target_modules)))
+                                  task_adapter=TaskAdapterConfig(a.rank, a.alpha, a.dropout, tuple(a.target_modules)),
+                                  fold_vectors=f.fold, folding=folding, parallelize=self._parallelize,
+                                  base_fingerprint=base_fp)
         output = {}
+        out_dir = self._save_gathered(result, self.scratch / "finetuned")
         if self.rank == 0:
-            out_dir = result.save(self.scratch / "finetuned")
             assert_no_vector(out_dir, vectors)  # never register an artifact with vector content
             if self.spec.mode == "full":
                 tokenizer.save_pretrained(str(out_dir))
