@@ -340,7 +340,8 @@ def test_submit_posts_a_valid_rayjob_and_prints_its_name(
     assert body["metadata"] == {**body["metadata"], "name": "gf-42", "namespace": NAMESPACE}
     assert validation_errors([body]) == []
     assert (
-        body["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "reg.example.com/secvec:1"
+        body["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+        == "reg.example.com/secvec:1"
     )
 
 
@@ -458,3 +459,166 @@ def test_submit_with_a_template_keeps_its_cluster(
     assert len(init) == 1 and init[0]["env"][0]["value"] == SPEC  # the new spec, not the template's
     refused = submit(cli, spec_file, kubeconfig, "--template", str(template_file), "--num-workers", "3")
     assert refused.exit_code == 1 and "drop the sizing" in refused.output
+
+
+# --- a cluster that can start, and nothing left open --------------------------------------------------
+
+K8S_RAYJOB = REPO_ROOT / "k8s" / "base" / "rayjob.yaml"
+
+
+def test_cli_requires_an_image_in_a_registry(cli: typer.Typer, spec_file: Path) -> None:
+    missing = CliRunner().invoke(cli, ["render", str(spec_file)])
+    assert missing.exit_code == 1 and "--image is required" in missing.output
+    hub = CliRunner().invoke(cli, ["render", str(spec_file), "--image", "secvec:0.1.0-gpu"])
+    assert hub.exit_code == 1 and "names no registry host" in hub.output
+    for image in ("localhost:5000/secvec:1", "registry.example.com/ml/secvec@sha256:" + "0" * 64):
+        assert kube.render_rayjob(SPEC, name="a", image=image)
+
+
+def test_every_rendered_pod_passes_pod_security_restricted() -> None:
+    rayjob = kube.render_rayjob(SPEC, name="a", image=IMAGE, image_pull_secrets=["regcred"])
+    cron = kube.render_raycronjob(SPEC, schedule="0 3 * * 0", image=IMAGE)
+    checked = 0
+    for obj in (rayjob, cron):
+        for where, pod in pod_specs(obj):
+            assert pss_restricted_violations(pod) == [], where
+            assert pod["automountServiceAccountToken"] is False, where
+            checked += 1
+    assert checked == 6  # head, workers and submitter of each
+    submitter = rayjob["spec"]["submitterPodTemplate"]["spec"]
+    assert submitter["imagePullSecrets"] == [{"name": "regcred"}] and submitter["containers"][0]["image"] == IMAGE
+    assert submitter["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "command" not in submitter["containers"][0]  # KubeRay fills in `ray job submit`
+
+
+def test_pss_check_finds_what_kuberays_default_submitter_pod_lacks() -> None:
+    """KubeRay's own submitter pod (no securityContext at all) and common mistakes are each reported."""
+    default_submitter = {"restartPolicy": "Never", "containers": [{"name": "ray-job-submitter", "image": IMAGE}]}
+    found = " ".join(pss_restricted_violations(default_submitter))
+    for rule in ("allowPrivilegeEscalation", "runAsNonRoot", "seccompProfile", "capabilities.drop"):
+        assert rule in found
+    restricted = kube.submitter_template(IMAGE)["spec"]
+    for broken in (
+        {"hostNetwork": True},
+        {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]},
+        {"securityContext": {**restricted["securityContext"], "runAsUser": 0}},
+        {"securityContext": {**restricted["securityContext"], "seccompProfile": {"type": "Unconfined"}}},
+    ):
+        assert pss_restricted_violations({**restricted, **broken}) != [], broken
+    added = __import__("copy").deepcopy(restricted)
+    added["containers"][0]["securityContext"]["capabilities"]["add"] = ["SYS_ADMIN"]
+    assert pss_restricted_violations(added) != []
+
+
+def test_ray_token_auth_deletion_rules_and_a_start_deadline() -> None:
+    spec = kube.render_rayjob(SPEC, name="a", image=IMAGE)["spec"]
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert "shutdownAfterJobFinishes" not in spec  # mutually exclusive with deletionRules in KubeRay 1.7
+    rules = {(tuple(sorted(set(r["condition"]) - {"ttlSeconds"})), r["policy"]): r["condition"]["ttlSeconds"]
+             for r in spec["deletionStrategy"]["deletionRules"]}  # fmt: skip
+    assert {policy for _, policy in rules} == {"DeleteCluster", "DeleteSelf"}
+    for condition in ({"jobStatus": "SUCCEEDED"}, {"jobStatus": "FAILED"}, {"jobDeploymentStatus": "Failed"}):
+        key = tuple(condition)
+        assert rules[(key, "DeleteCluster")] == 600 <= rules[(key, "DeleteSelf")]
+    assert spec["preRunningDeadlineSeconds"] == 1800 and spec["activeDeadlineSeconds"] == 86400
+    for _, pod in pod_specs({"kind": "RayJob", "spec": spec}):
+        assert all(e["name"] != "RAY_AUTH_MODE" for c in pod["containers"] for e in c.get("env", []))
+
+
+def test_a_spec_using_data_needs_a_claim_mounted_on_every_ray_pod(cli: typer.Typer, tmp_path: Path) -> None:
+    data_spec = SPEC + "work_dir: /data/work\n"
+    with pytest.raises(ValueError, match="nothing is mounted there"):
+        kube.render_rayjob(data_spec, name="a", image=IMAGE)
+    rayjob = kube.render_rayjob(data_spec, name="a", image=IMAGE, data_claim="secvec-data")
+    for where, pod in pod_specs(rayjob):
+        if "submitter" in where:
+            continue
+        assert {"name": "pipeline-data", "mountPath": "/data"} in pod["containers"][0]["volumeMounts"], where
+        assert {"name": "pipeline-data", "persistentVolumeClaim": {"claimName": "secvec-data"}} in pod["volumes"]
+    assert kube.check_cluster_spec(kube.parse_pipeline_spec(data_spec), rayjob["spec"]) == []
+    path = tmp_path / "spec.yaml"
+    path.write_text(data_spec)
+    refused = CliRunner().invoke(cli, ["render", str(path), "--image", IMAGE])
+    assert refused.exit_code == 1 and "--data-claim" in refused.output
+    accepted = CliRunner().invoke(cli, ["render", str(path), "--image", IMAGE, "--data-claim", "secvec-data"])
+    assert accepted.exit_code == 0 and "warning" not in accepted.output
+
+
+@pytest.mark.parametrize(
+    ("tracking", "option", "message"),
+    [
+        ("", None, "no MLflow tracking URI"),
+        ("tracking: {tracking_uri: 'sqlite:///.secvec/mlflow.db'}\n", None, "local to one pod"),
+        ("tracking: {tracking_uri: mlruns}\n", None, "local to one pod"),
+        ("", "http://localhost:5000", "local to one pod"),
+        ("", "http://127.0.0.1:5000", "local to one pod"),
+    ],
+)
+def test_cluster_submissions_refuse_local_tracking_uris(
+    cli: typer.Typer, tmp_path: Path, tracking: str, option: str | None, message: str
+) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: local\n" + tracking)
+    extra = ["--mlflow-tracking-uri", option] if option else []
+    result = CliRunner().invoke(cli, ["render", str(path), "--image", IMAGE, *extra])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    ok = CliRunner().invoke(cli, ["render", str(path), "--image", IMAGE, "--mlflow-tracking-uri", "http://m:5000"])
+    assert (ok.exit_code == 0) is (not tracking), ok.output  # a spec's own local URI wins inside the pod
+
+
+def test_run_again_with_a_template_that_mounts_config_runs_the_given_spec(
+    cli: typer.Typer, spec_file: Path, kubeconfig: Path, api_server: FakeApiServer
+) -> None:
+    """The documented "run again" command: the template mounts the release's ConfigMap at /config; the
+    RayJob created must run the spec given on the command line, not the ConfigMap's."""
+    result = submit(cli, spec_file, kubeconfig, "--template", str(K8S_RAYJOB))
+    assert result.exit_code == 0, result.output
+    body = api_server.requests[0]["body"]
+    assert validation_errors([body]) == []
+    for where, pod in pod_specs(body):
+        if "submitter" in where:
+            continue
+        assert not [v for v in pod["volumes"] if "configMap" in v], where
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["/config"] == "secvec-pipeline" and mounts["/data"] == "pipeline-data", where
+        (init,) = pod["initContainers"]
+        assert init["env"] == [{"name": "SECVEC_PIPELINE_YAML", "value": SPEC}]
+
+
+# --- submit --wait on a long run -------------------------------------------------------------------------
+
+
+def _submitted(kubeconfig: Path, name: str) -> Any:
+    api_client = kube.load_api_client(kubeconfig=str(kubeconfig))
+    kube.submit_rayjob(kube.render_rayjob(SPEC, name=name, image=IMAGE), namespace=NAMESPACE, api_client=api_client)
+    return api_client
+
+
+def test_wait_treats_validation_failed_as_final(kubeconfig: Path, api_server: FakeApiServer) -> None:
+    api_client = _submitted(kubeconfig, "v-1")
+    api_server.statuses = [{"jobDeploymentStatus": "ValidationFailed", "reason": "ValidationFailed"}, RUNNING]
+    final = kube.wait_for_rayjob("v-1", NAMESPACE, timeout_s=5, poll_s=0.01, api=api_client)
+    assert final.finished and not final.succeeded and final.deployment_status == "ValidationFailed"
+
+
+def test_wait_survives_transient_api_errors_and_slow_replies(
+    kubeconfig: Path, api_server: FakeApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kube, "REQUEST_TIMEOUT", (2, 0.3))
+    api_client = _submitted(kubeconfig, "t-1")
+    api_server.get_faults = [("error", 503), ("hang", 1.0), ("error", 429), ("error", 500)]
+    api_server.statuses = [RUNNING, SUCCEEDED]
+    final = kube.wait_for_rayjob("t-1", NAMESPACE, timeout_s=30, poll_s=0.01, api=api_client)
+    assert final.succeeded
+    api_server.get_faults = [("error", 403)]  # not transient: reported at once
+    with pytest.raises(kube.KubeError, match="forbidden"):
+        kube.wait_for_rayjob("t-1", NAMESPACE, timeout_s=30, poll_s=0.01, api=api_client)
+
+
+def test_wait_reports_a_deleted_rayjob_as_gone(kubeconfig: Path, api_server: FakeApiServer) -> None:
+    api_client = _submitted(kubeconfig, "g-1")
+    api_server.statuses = [RUNNING]
+    api_server.get_faults = [("gone",)]
+    with pytest.raises(kube.KubeError, match="is gone") as error:
+        kube.wait_for_rayjob("g-1", NAMESPACE, timeout_s=5, poll_s=0.01, api=api_client)
+    assert "KubeRay operator installed" not in str(error.value)
