@@ -622,3 +622,24 @@ def test_wait_reports_a_deleted_rayjob_as_gone(kubeconfig: Path, api_server: Fak
     with pytest.raises(kube.KubeError, match="is gone") as error:
         kube.wait_for_rayjob("g-1", NAMESPACE, timeout_s=5, poll_s=0.01, api=api_client)
     assert "KubeRay operator installed" not in str(error.value)
+
+
+def test_the_pipeline_keeps_the_clusters_ray_token_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a RayJob with token auth KubeRay sets RAY_AUTH_MODE=token; the driver must not turn it off when
+    it joins the cluster (it used to force RAY_AUTH_MODE=disabled, locking itself out)."""
+    import ray
+
+    from workflows import pipeline
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    pipeline.init_ray()
+    assert __import__("os").environ["RAY_AUTH_MODE"] == "token"
+    assert calls[0]["runtime_env"]["env_vars"].get("RAY_AUTH_MODE") in (None, "token")
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    pipeline.init_ray()  # the local default keeps auth off (no token file, no warning)
+    assert calls[1]["runtime_env"]["env_vars"]["RAY_AUTH_MODE"] == "disabled"
