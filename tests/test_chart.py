@@ -851,6 +851,7 @@ def test_the_worker_group_follows_the_spec(tools: Path, helm: str, tmp_path: Pat
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
     assert float(resources["requests"]["cpu"]) == 6
     del spec["scaling"]  # the pipeline's own defaults: 2 CPU workers, 1 CPU each
+    path = tmp_path / "no-scaling.yaml"  # a new path: renders are cached by their arguments
     path.write_text(yaml.safe_dump(spec))
     (group,) = find(render(set_files=(f"pipeline.spec={path}",), helm=helm), "RayJob")["spec"]["rayClusterSpec"][
         "workerGroupSpecs"
