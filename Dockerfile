@@ -1,27 +1,37 @@
-# secvec runtime image: the official Ray image (Ray head, workers and the job driver) with secvec
-# installed; `secvec run` / `secvec submit` are on PATH. Used by charts/secvec and k8s/.
-#   docker build -t secvec:0.1.0 .
-#   docker build -t secvec:0.1.0-gpu --build-arg RAY_VARIANT=py311-gpu \
-#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
-# RAY_VERSION must match the Ray version the KubeRay RayJob declares (chart value rayJob.rayVersion).
+# secvec runtime image: the official Ray image (Ray head, workers, the job driver and the RayJob submitter)
+# with secvec installed; `secvec run` / `secvec submit` are on PATH. Used by charts/secvec and k8s/.
+#   docker build -t registry.example.com/secvec:0.1.0-gpu .                       # CUDA torch (default)
+#   docker build -t registry.example.com/secvec:0.1.0-cpu \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .         # CPU torch
+# One CUDA stack: the base is Ray's CPU image and CUDA comes only from torch's wheels (nvidia-* packages);
+# the GPU driver is mounted from the node by the NVIDIA container toolkit.
+# RAY_VERSION must match the Ray version the KubeRay RayJob declares (chart value rayJob.rayVersion) and
+# the version constraints.txt pins.
 ARG RAY_VERSION=2.60.0
-ARG RAY_VARIANT=py311-cpu
-FROM rayproject/ray:${RAY_VERSION}-${RAY_VARIANT}
+FROM rayproject/ray:${RAY_VERSION}-py311-cpu
 
 ARG RAY_VERSION
 ARG TORCH_VERSION=2.13.0
-# The CPU wheel index keeps the CPU image small; PyPI's default torch wheel bundles CUDA (over 5 GB).
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# Without these the container toolkit may mount only part of the driver (compute: libcuda; utility: nvidia-smi, NVML).
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 WORKDIR /home/ray/secvec
-COPY --chown=1000:100 pyproject.toml README.md ./
+# Dependencies first, from the project metadata and the tested versions in constraints.txt (pip install
+# -c), so that editing the source does not rebuild the multi-GB dependency layer.
+COPY --chown=1000:100 constraints.txt pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+extras = p.get('optional-dependencies', {}); \
+print('\n'.join(p['dependencies'] + extras.get('pipeline', []) + extras.get('kube', [])))" > /tmp/requirements.txt \
+    && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+    && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt "ray[train,default]==${RAY_VERSION}" \
+    && rm /tmp/requirements.txt
+
+# Then the source, without touching the dependencies installed above.
+COPY --chown=1000:100 README.md ./
 COPY --chown=1000:100 secvec_core ./secvec_core
 COPY --chown=1000:100 workflows ./workflows
-
-# torch first from the chosen index, then secvec with Ray pinned to the image's own version.
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
-    && pip install --no-cache-dir . "ray[train,default]==${RAY_VERSION}" \
-    && secvec --help > /dev/null
+RUN pip install --no-cache-dir --no-deps . && secvec --help > /dev/null
 
 # The image runs as the `ray` user (uid 1000, gid 100), as the chart's securityContext expects.
 USER 1000

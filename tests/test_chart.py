@@ -18,6 +18,7 @@ try:
         crd_validator,
         load_documents,
         pod_specs,
+        pss_restricted_violations,
         require_tools,
         validation_errors,
     )
@@ -28,6 +29,7 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
         crd_validator,
         load_documents,
         pod_specs,
+        pss_restricted_violations,
         require_tools,
         validation_errors,
     )
@@ -70,10 +72,14 @@ def _template(
     return _helm(helm, *args)
 
 
+DEFAULT_VALUES = CHART / "ci" / "default-values.yaml"  # the two values every install must give
+
+
 def render(
     *sets: str, values: tuple[str | Path, ...] = (), set_files: tuple[str, ...] = (), helm: str = "helm3"
 ) -> list[dict[str, Any]]:
-    result = _template(helm, tuple(str(v) for v in values), sets, set_files)
+    """Objects of `helm template` with ci/default-values.yaml (image registry, data claim) under ``values``."""
+    result = _template(helm, tuple(str(v) for v in (DEFAULT_VALUES, *values)), sets, set_files)
     assert result.returncode == 0, result.stderr
     return load_documents(result.stdout)
 
@@ -99,6 +105,11 @@ def env_of(container_spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def mlflow_args(objects: list[dict[str, Any]]) -> list[str]:
     deployment = find(objects, "Deployment", f"{RELEASE}-secvec-mlflow")
     return container(deployment["spec"]["template"]["spec"], "mlflow")["command"]
+
+
+def ray_pods(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Head and worker pod specs of a RayJob (the submitter pod runs no Ray node)."""
+    return [(where, pod) for where, pod in pod_specs(obj) if not where.endswith("submitter")]
 
 
 def option(args: list[str], name: str) -> str:
@@ -137,11 +148,11 @@ def test_helm3_and_helm4_render_the_same_objects(tools: Path) -> None:
 
 def test_crd_validation_catches_a_misspelled_field(tools: Path) -> None:
     rayjob = find(render(), "RayJob")
-    rayjob["spec"]["shutdownAfterJobFinish"] = rayjob["spec"].pop("shutdownAfterJobFinishes")
+    rayjob["spec"]["preRunningDeadlineSecond"] = rayjob["spec"].pop("preRunningDeadlineSeconds")
     worker = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     worker["template"]["spec"]["containers"][0]["resource"] = {}
     errors = validation_errors([rayjob])
-    assert any("shutdownAfterJobFinish'" in error for error in errors), errors
+    assert any("preRunningDeadlineSecond'" in error for error in errors), errors
     assert any("'resource'" in error for error in errors), errors
 
 
@@ -151,7 +162,8 @@ def test_crd_validation_catches_a_misspelled_field(tools: Path) -> None:
 def test_renders_mlflow_postgresql_configmap_and_rayjob_by_default(tools: Path) -> None:
     objects = render()
     assert kinds(objects) == {
-        "Deployment", "Service", "PersistentVolumeClaim", "StatefulSet", "Secret", "ConfigMap", "RayJob", "Job"
+        "Deployment", "Service", "PersistentVolumeClaim", "StatefulSet", "Secret", "ConfigMap", "RayJob", "Job",
+        "NetworkPolicy",
     }  # fmt: skip
     assert not {"RayCronJob", "CronJob", "Role"} & kinds(objects)
 
@@ -179,7 +191,7 @@ def test_mlflow_server_has_allowed_hosts_with_the_service_name(tools: Path) -> N
 def test_mlflow_server_serves_artifacts_from_the_pvc_and_probes_health(tools: Path) -> None:
     objects = render()
     args = mlflow_args(objects)
-    assert option(args, "--backend-store-uri") == "$(MLFLOW_BACKEND_STORE_URI)"
+    assert "--backend-store-uri" not in args  # read from $MLFLOW_BACKEND_STORE_URI: no password in the arguments
     assert "--serve-artifacts" in args and option(args, "--artifacts-destination") == "/mlartifacts"
     assert option(args, "--host") == "0.0.0.0" and option(args, "--port") == "5000"
     pod = find(objects, "Deployment")["spec"]["template"]["spec"]
@@ -246,8 +258,8 @@ def test_basic_auth_uses_credentials_from_the_existing_secret(tools: Path) -> No
         env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-secvec-mlflow-flask"
     )
     assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == "/auth/basic_auth.ini"
-    assert pod["initContainers"][0]["name"] == "auth-config"
-    for _, ray_pod in pod_specs(find(objects, "RayJob")):
+    assert [init["name"] for init in pod["initContainers"]] == ["wait-for-db", "auth-config"]
+    for _, ray_pod in ray_pods(find(objects, "RayJob")):
         ray_env = env_of(ray_pod["containers"][0])
         assert ray_env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-admin"
 
@@ -258,7 +270,9 @@ def test_basic_auth_init_script_writes_a_config_mlflow_reads(tools: Path, tmp_pa
     import configparser
 
     objects = render(values=(CHART / "ci" / "basic-auth-values.yaml",))
-    init = find(objects, "Deployment")["spec"]["template"]["spec"]["initContainers"][0]
+    init = container(
+        {"containers": find(objects, "Deployment")["spec"]["template"]["spec"]["initContainers"]}, "auth-config"
+    )
     script = init["command"][2].replace("/auth/", f"{tmp_path}/")
     uri = "postgresql+psycopg2://mlflow:p%40ss@db:5432/mlflow"
     environment = {"MLFLOW_BACKEND_STORE_URI": uri, "DEFAULT_PERMISSION": "NO_PERMISSIONS", "PATH": "/usr/bin:/bin"}
@@ -270,20 +284,46 @@ def test_basic_auth_init_script_writes_a_config_mlflow_reads(tools: Path, tmp_pa
     assert config["mlflow"]["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
 
 
-def test_db_upgrade_job_is_a_pre_upgrade_hook(tools: Path) -> None:
+def test_db_upgrade_job_is_a_pre_upgrade_hook_that_keeps_the_uri_out_of_its_arguments(
+    tools: Path, tmp_path: Path
+) -> None:
+    """No argument holds the URI; the Job's command, run here with a stand-in `mlflow.db` module, calls
+    `mlflow db upgrade` with the URI taken from $MLFLOW_BACKEND_STORE_URI (the real command is a click
+    group with an `upgrade` subcommand taking the URL, checked below)."""
+    import os
+    import sys
+
+    import click
+    from mlflow.db import commands
+
     job = find(render(), "Job")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-upgrade"
-    assert job["spec"]["template"]["spec"]["containers"][0]["command"][:3] == ["mlflow", "db", "upgrade"]
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert not [arg for arg in command if "MLFLOW_BACKEND_STORE_URI)" in arg or "postgresql" in arg]
+    assert command[0] == "python" and isinstance(commands, click.Group)
+    assert [p.name for p in commands.commands["upgrade"].params] == ["url"]
+    stub = tmp_path / "mlflow"
+    stub.mkdir()
+    (stub / "__init__.py").write_text("")
+    (stub / "db.py").write_text("import json, sys\ndef commands(args):\n    print(json.dumps(args))\n    return 0\n")
+    uri = "postgresql+psycopg2://mlflow:secret@db:5432/mlflow"
+    result = subprocess.run(
+        [sys.executable, *command[1:]],
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "MLFLOW_BACKEND_STORE_URI": uri},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout) == ["upgrade", uri]
 
 
 def test_pipeline_spec_is_rendered_into_the_configmap_mounted_at_config(tools: Path) -> None:
     objects = render(values=(CHART / "ci" / "gpu-workers-values.yaml",))
     configmap = find(objects, "ConfigMap")
     spec = yaml.safe_load(configmap["data"]["pipeline.yaml"])
-    assert spec["name"] == "guarded-finetune" and spec["scaling"]["num_workers"] == 4
+    assert spec["name"] == "guarded-finetune" and spec["scaling"]["num_workers"] == 8
     rayjob = find(objects, "RayJob")
     assert rayjob["spec"]["entrypoint"] == "secvec run /config/pipeline.yaml"
-    for _, pod in pod_specs(rayjob):
+    for _, pod in ray_pods(rayjob):
         mounts = pod["containers"][0]["volumeMounts"]
         assert {"name": "pipeline-config", "mountPath": "/config", "readOnly": True} in mounts
         assert {"name": "pipeline-config", "configMap": {"name": configmap["metadata"]["name"]}} in pod["volumes"]
@@ -292,29 +332,31 @@ def test_pipeline_spec_is_rendered_into_the_configmap_mounted_at_config(tools: P
 def test_rayjob_has_head_and_gpu_worker_group_and_lifecycle_settings(tools: Path) -> None:
     rayjob = find(render(values=(CHART / "ci" / "gpu-workers-values.yaml",)), "RayJob")
     spec = rayjob["spec"]
-    assert spec["shutdownAfterJobFinishes"] is True
-    assert (spec["ttlSecondsAfterFinished"], spec["activeDeadlineSeconds"], spec["backoffLimit"]) == (600, 172800, 1)
+    assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec  # deletionRules instead
+    assert (spec["activeDeadlineSeconds"], spec["preRunningDeadlineSeconds"], spec["backoffLimit"]) == (172800, 1800, 1)
     (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
-    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 4
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 8
     worker = workers["template"]["spec"]
     resources = worker["containers"][0]["resources"]
-    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 2
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
     assert worker["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert worker["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert worker["imagePullSecrets"] == [{"name": "registry-credentials"}]
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert head["image"] == "registry.example.com/ml/secvec:0.1.0-cu128"
+    assert head["image"] == "registry.example.com/ml/secvec@sha256:" + "0123456789abcdef" * 4
+    assert workers["template"]["spec"]["priorityClassName"] == "gpu-training"
+    assert workers["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
     assert env_of(head)["NCCL_DEBUG"]["value"] == "WARN"
 
 
 def test_rayjob_tracks_to_the_chart_mlflow_service_or_an_external_uri(tools: Path) -> None:
-    for _, pod in pod_specs(find(render(), "RayJob")):
+    for _, pod in ray_pods(find(render(), "RayJob")):
         uri = env_of(pod["containers"][0])["MLFLOW_TRACKING_URI"]["value"]
         assert uri == f"http://{RELEASE}-secvec-mlflow.{NAMESPACE}.svc.cluster.local:5000"
     objects = render(values=(CHART / "ci" / "external-mlflow-values.yaml",))
     assert not {"Deployment", "StatefulSet", "Job"} & kinds(objects)
-    for _, pod in pod_specs(find(objects, "RayJob")):
+    for _, pod in ray_pods(find(objects, "RayJob")):
         assert env_of(pod["containers"][0])["MLFLOW_TRACKING_URI"]["value"] == "https://mlflow.example.com"
 
 
@@ -364,7 +406,14 @@ def test_cronjob_template_makes_a_valid_rayjob_through_secvec_submit(tools: Path
     rayjob = kube.render_rayjob(data["pipeline.yaml"], namespace=NAMESPACE, template=template)
     assert validation_errors([rayjob]) == []
     assert rayjob["metadata"]["name"].startswith(yaml.safe_load(data["pipeline.yaml"])["name"] + "-")
-    assert rayjob["spec"]["rayClusterSpec"] == find(objects, "RayJob")["spec"]["rayClusterSpec"]
+    applied = find(objects, "RayJob")["spec"]
+    assert {k: v for k, v in rayjob["spec"].items() if k != "rayClusterSpec"} == {
+        k: v for k, v in applied.items() if k != "rayClusterSpec"
+    }
+    # The same cluster, except that the spec now travels inline instead of through the ConfigMap mount.
+    for (where, pod), (_, applied_pod) in zip(pod_specs(rayjob), pod_specs(find(objects, "RayJob")), strict=True):
+        assert pod["containers"][0]["resources"] == applied_pod["containers"][0]["resources"], where
+        assert pod["containers"][0]["image"] == applied_pod["containers"][0]["image"], where
 
 
 def test_pods_run_as_non_root(tools: Path) -> None:
@@ -524,19 +573,37 @@ def test_data_volume_is_mounted_at_data_on_every_ray_pod_when_claim_name_is_set(
     checked = 0
     for rayjob in (find(objects, "RayJob"), template, raycronjob):  # one-off, CronJob and RayCronJob runs
         for where, pod in pod_specs(rayjob):
+            if where.endswith("submitter"):
+                assert _data_mounts(pod) == ([], []), where  # `ray job submit` needs no data
+                continue
             mounts, volumes = _data_mounts(pod)
             assert mounts == [{"name": "pipeline-data", "mountPath": "/data"}], where
             assert volumes == [{"name": "pipeline-data", "persistentVolumeClaim": {"claimName": "secvec-data"}}]
             checked += 1
     assert checked == 6
     read_only = find(render("pipeline.dataVolume.claimName=data", "pipeline.dataVolume.readOnly=true"), "RayJob")
-    for _, pod in pod_specs(read_only):
+    for where, pod in pod_specs(read_only):
+        if where.endswith("submitter"):
+            continue
         mounts, volumes = _data_mounts(pod)
         assert mounts[0]["readOnly"] is True and volumes[0]["persistentVolumeClaim"]["readOnly"] is True
 
 
-def test_no_data_volume_without_claim_name(tools: Path) -> None:
-    for _, pod in pod_specs(find(render(), "RayJob")):
+def _render_without_defaults(helm: str, *sets: str, set_files: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return _template(helm, (), ("image.repository=registry.example.com/secvec", *sets), set_files)
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_a_spec_using_data_without_a_claim_fails_the_render(tools: Path, helm: str) -> None:
+    """The default spec reads /data and checkpoints there: without a claim every stage would fail."""
+    for sets in ((), ("schedule.enabled=true", "schedule.kind=CronJob", "pipeline.runOnInstall=false")):
+        result = _render_without_defaults(helm, *sets)
+        assert result.returncode != 0
+        assert "reads or writes /data but pipeline.dataVolume.claimName is empty" in result.stderr
+    demo = REPO_ROOT / "workflows" / "examples" / "demo.yaml"  # no /data in it: nothing to mount
+    result = _render_without_defaults(helm, set_files=(f"pipeline.spec={demo}",))
+    assert result.returncode == 0, result.stderr
+    for _, pod in pod_specs(find(load_documents(result.stdout), "RayJob")):
         assert _data_mounts(pod) == ([], [])
 
 
@@ -570,8 +637,8 @@ def test_renders_the_operator_deployment_service_account_and_rbac_when_kuberay_o
 ) -> None:
     objects = render(values=(WITH_OPERATOR,))
     operator_kinds = sorted(o["kind"] for o in operator_objects(objects))
-    expected = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "ServiceAccount"]
-    assert operator_kinds == expected
+    expected = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "Role", "RoleBinding", "RoleBinding"]
+    assert operator_kinds == [*expected, "ServiceAccount"]
     pod = find(objects, "Deployment", OPERATOR)["spec"]["template"]["spec"]
     operator = operator_container(objects)
     assert operator["image"] == "quay.io/kuberay/operator:v1.7.0"
@@ -589,22 +656,43 @@ def test_renders_the_operator_deployment_service_account_and_rbac_when_kuberay_o
     binding = find(objects, "ClusterRoleBinding", OPERATOR)
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": OPERATOR}
     assert binding["subjects"] == subject
+    leader_role = find(objects, "Role", f"{OPERATOR}-leader-election")
     leader = find(objects, "RoleBinding", f"{OPERATOR}-leader-election")
-    assert leader["roleRef"]["name"] == find(objects, "Role")["metadata"]["name"] and leader["subjects"] == subject
+    assert leader["roleRef"]["name"] == leader_role["metadata"]["name"] and leader["subjects"] == subject
     assert {"create", "get", "update"} <= {
-        verb for rule in find(objects, "Role")["rules"] if "leases" in rule["resources"] for verb in rule["verbs"]
+        verb for rule in leader_role["rules"] if "leases" in rule["resources"] for verb in rule["verbs"]
     }
 
 
-def test_operator_cluster_role_grants_what_kuberay_reconciles(tools: Path) -> None:
-    rules = find(render(values=(WITH_OPERATOR,)), "ClusterRole", OPERATOR)["rules"]
-    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+def _granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+@pytest.mark.parametrize("watch", [False, True], ids=["all-namespaces", "watch-namespaces"])
+def test_operator_rbac_grants_what_kuberay_reconciles(tools: Path, watch: bool) -> None:
+    """All namespaces: one ClusterRole. With watchNamespaces: the same rules as a Role in each watched
+    namespace and nothing namespaced (Secrets least of all) cluster-wide, as KubeRay's own chart does."""
+    if watch:
+        objects = render("kuberay-operator.enabled=true", "kuberay-operator.watchNamespaces={ml,research}")
+        roles = [o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] == OPERATOR]
+        assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml", "research"]
+        bindings = [o for o in objects if o["kind"] == "RoleBinding" and o["metadata"]["name"] == OPERATOR]
+        assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml", "research"]
+        assert all(b["subjects"][0]["namespace"] == NAMESPACE for b in bindings)
+        cluster_wide = _granted(find(objects, "ClusterRole", OPERATOR)["rules"])
+        assert cluster_wide == {("networking.k8s.io", "ingressclasses", v) for v in ("get", "list", "watch")}
+        assert roles[0]["rules"] == roles[1]["rules"]
+        rules = roles[0]["rules"] + find(objects, "ClusterRole", OPERATOR)["rules"]
+    else:
+        rules = find(render("kuberay-operator.enabled=true"), "ClusterRole", OPERATOR)["rules"]
+    granted = _granted(rules)
     needed = {("ray.io", kind, verb) for kind in ("rayjobs", "rayclusters", "raycronjobs") for verb in ALL_VERBS}
     needed |= {("ray.io", f"{kind}/status", verb) for kind in ("rayjobs", "rayclusters", "raycronjobs")
                for verb in ("get", "update", "patch")}  # fmt: skip
     needed |= {("ray.io", f"{kind}/finalizers", "update") for kind in ("rayjobs", "rayclusters", "raycronjobs")}
     needed |= {("", kind, verb) for kind in ("pods", "services") for verb in ALL_VERBS}
     needed |= {("batch", "jobs", verb) for verb in ALL_VERBS}  # the RayJob submitter (K8sJobMode)
+    needed |= {("", "secrets", verb) for verb in ("get", "create")}  # the Ray auth token Secret
     needed |= {("", "serviceaccounts", "create"), ("rbac.authorization.k8s.io", "roles", "create"),
                ("rbac.authorization.k8s.io", "rolebindings", "create"), ("events.k8s.io", "events", "create"),
                ("coordination.k8s.io", "leases", "update"), ("discovery.k8s.io", "endpointslices", "list")}  # fmt: skip
@@ -643,23 +731,208 @@ def test_helm_package_bundles_the_operator_subchart(tools: Path, helm: str, tmp_
         names = set(tar.getnames())
     assert "secvec/charts/kuberay-operator/templates/deployment.yaml" in names
     assert not [name for name in names if "/ci/" in name]
-    rendered = _helm(helm, "template", RELEASE, str(archive), "-n", NAMESPACE, "--set", "kuberay-operator.enabled=true")
+    rendered = _helm(
+        helm, "template", RELEASE, str(archive), "-n", NAMESPACE, "-f", str(DEFAULT_VALUES),
+        "--set", "kuberay-operator.enabled=true",
+    )  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
     assert "image: quay.io/kuberay/operator:v1.7.0" in rendered.stdout
 
 
 def _notes(*sets: str) -> str:
     """NOTES.txt as `helm install` prints it (helm 4's client-side dry run needs no cluster; helm 3's does)."""
-    args = ["install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client"]
+    args = ["install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client", "-f", str(DEFAULT_VALUES)]
     result = _helm("helm4", *args, *[arg for item in sets for arg in ("--set", item)])
     assert result.returncode == 0, result.stderr
     return result.stdout.split("NOTES:", 1)[1]
 
 
 def test_notes_tell_how_to_install_the_crds_when_the_operator_is_enabled(tools: Path) -> None:
-    enabled = _notes("kuberay-operator.enabled=true", "pipeline.dataVolume.claimName=secvec-data")
+    enabled = _notes("kuberay-operator.enabled=true")
     assert CRDS_COMMAND in enabled and f"rollout status deployment/{OPERATOR}" in enabled
-    assert "claimName is empty" not in enabled
     default = _notes()
     assert CRDS_COMMAND in default and "--set kuberay-operator.enabled=true" in default
-    assert "pipeline.dataVolume.claimName is empty" in default
+
+
+# --- a default install that can start on a real GPU cluster, locked down --------------------------------
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_image_is_the_gpu_build_from_a_registry_or_pinned_by_digest(tools: Path, helm: str) -> None:
+    images = {c["image"] for o in render(helm=helm) for _, pod in pod_specs(o) for c in pod["containers"]}
+    assert f"registry.example.com/secvec:{kube.DEFAULT_IMAGE_TAG}" in images  # appVersion + "-gpu"
+    digest = "sha256:" + "ab" * 32
+    pinned = render(f"image.digest={digest}", "image.tag=ignored", helm=helm)
+    rayjob_images = {c["image"] for _, pod in pod_specs(find(pinned, "RayJob")) for c in pod["containers"]}
+    assert rayjob_images == {f"registry.example.com/secvec@{digest}"}
+    claim = "pipeline.dataVolume.claimName=d"
+    for repository, message in (("", "image.repository is required"), ("secvec", "names no registry host"),
+                                ("myteam/secvec", "names no registry host")):  # fmt: skip
+        result = _template(helm, (), (f"image.repository={repository}", claim))
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+    for repository in ("localhost:5000/secvec", "ghcr.io/team/secvec", "10.0.0.5:5000/secvec"):
+        assert _template(helm, (), (f"image.repository={repository}", claim)).returncode == 0
+    bad_digest = _template(helm, (str(DEFAULT_VALUES),), ("image.digest=latest",))
+    assert bad_digest.returncode != 0
+
+
+def test_every_pod_passes_pod_security_restricted_and_the_submitter_pod_is_rendered(tools: Path) -> None:
+    """Pod Security "restricted" (see conftest_kube.pss_restricted_violations) for every pod of every ci
+    values file, the RayJob's submitter pod included: KubeRay's default one would be rejected."""
+    checked = set()
+    for values in CI_VALUES:
+        for obj in render(values=(values,)):
+            for where, pod in pod_specs(obj):
+                assert pss_restricted_violations(pod) == [], f"{values.name}: {where}"
+                checked.add(where)
+            if obj["kind"] in ("RayJob", "RayCronJob"):
+                rayjob_spec = obj["spec"]["jobTemplate"] if obj["kind"] == "RayCronJob" else obj["spec"]
+                submitter = rayjob_spec["submitterPodTemplate"]["spec"]
+                assert submitter["automountServiceAccountToken"] is False
+                assert submitter["containers"][0]["resources"]["limits"]["memory"] == "512Mi"
+                for _, pod in ray_pods(obj):
+                    assert pod["automountServiceAccountToken"] is False
+                    assert submitter.get("imagePullSecrets") == pod.get("imagePullSecrets")
+                    assert submitter["containers"][0]["image"] == pod["containers"][0]["image"]
+    assert {"RayJob submitter", "RayCronJob submitter", "Deployment", "StatefulSet", "Job", "CronJob"} <= checked
+
+
+def test_containers_outside_ray_have_a_read_only_root_filesystem(tools: Path) -> None:
+    for values in CI_VALUES:
+        for obj in render(values=(values,)):
+            for where, pod in pod_specs(obj) if obj["kind"] not in ("RayJob", "RayCronJob") else []:
+                for item in pod["containers"] + pod.get("initContainers", []):
+                    assert item["securityContext"].get("readOnlyRootFilesystem") is True, f"{where} {item['name']}"
+    rayjob = find(render(), "RayJob")
+    (_, submitter), *_ = [(w, p) for w, p in pod_specs(rayjob) if w.endswith("submitter")]
+    assert submitter["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    # Ray pods keep a writable root (Ray writes /tmp/ray, libraries cache under $HOME: values.yaml says so),
+    # and the cluster autoscaler may not evict them mid-training.
+    annotations = [t["metadata"]["annotations"] for t in _ray_templates(rayjob)]
+    assert all(a["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false" for a in annotations)
+
+
+def _ray_templates(rayjob: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+
+
+@pytest.mark.parametrize("helm", HELMS)
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ("rayJob.gpuWorkers.replicas=4",),
+            "rayJob.gpuWorkers.replicas is 4 but the pipeline spec's scaling.num_workers is 2",
+        ),
+        (("rayJob.gpuWorkers.gpusPerWorker=2",), "gpusPerWorker is 2 but the pipeline spec asks 1 GPU"),
+        (("pipeline.spec.scaling.resources_per_worker.GPU=2",), "asks 2 GPUs per Ray Train worker"),
+        (("rayJob.gpuWorkers.resources.requests.cpu=2",), "requests.cpu is 2 but the pipeline spec asks 4 CPUs"),
+    ],
+)
+def test_a_sizing_mismatch_fails_the_render_with_a_clear_message(
+    tools: Path, helm: str, sets: tuple[str, ...], message: str
+) -> None:
+    result = _template(helm, (str(DEFAULT_VALUES),), sets)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_the_worker_group_follows_the_spec(tools: Path, helm: str, tmp_path: Path) -> None:
+    spec = yaml.safe_load(EXAMPLE_SPEC.read_text())
+    spec["scaling"] = {"num_workers": 3, "use_gpu": True, "resources_per_worker": {"CPU": 6}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    (group,) = find(render(set_files=(f"pipeline.spec={path}",), helm=helm), "RayJob")["spec"]["rayClusterSpec"][
+        "workerGroupSpecs"
+    ]
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+    assert float(resources["requests"]["cpu"]) == 6
+    del spec["scaling"]  # the pipeline's own defaults: 2 CPU workers, 1 CPU each
+    path = tmp_path / "no-scaling.yaml"  # a new path: renders are cached by their arguments
+    path.write_text(yaml.safe_dump(spec))
+    (group,) = find(render(set_files=(f"pipeline.spec={path}",), helm=helm), "RayJob")["spec"]["rayClusterSpec"][
+        "workerGroupSpecs"
+    ]
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    assert group["replicas"] == 2 and "nvidia.com/gpu" not in resources["requests"]
+    assert float(resources["requests"]["cpu"]) == 1
+
+
+def test_token_auth_network_policies_and_deletion_rules_render_by_default(tools: Path) -> None:
+    objects = render()
+    spec = find(objects, "RayJob")["spec"]
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert spec["preRunningDeadlineSeconds"] == 1800
+    rules = {(json_key(r["condition"]), r["policy"]): r["condition"]["ttlSeconds"]
+             for r in spec["deletionStrategy"]["deletionRules"]}  # fmt: skip
+    assert rules[("jobStatus=SUCCEEDED", "DeleteCluster")] == 600
+    assert rules[("jobStatus=SUCCEEDED", "DeleteSelf")] == rules[("jobDeploymentStatus=Failed", "DeleteSelf")] == 604800
+    policies = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == {f"{RELEASE}-secvec-ray", f"{RELEASE}-secvec-mlflow", f"{RELEASE}-secvec-postgresql"}
+    ray = policies[f"{RELEASE}-secvec-ray"]
+    # Every ingress rule names its sources: no rule lets the whole cluster in.
+    for policy in policies.values():
+        assert policy["policyTypes"] == ["Ingress"]
+        assert all(rule.get("from") for rule in policy["ingress"])
+    dashboard = next(r for r in ray["ingress"] if r.get("ports"))
+    assert dashboard["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    assert {"app.kubernetes.io/name": "kuberay-operator"} in [
+        p.get("podSelector", {}).get("matchLabels") for p in dashboard["from"]
+    ]
+    mlflow_peers = policies[f"{RELEASE}-secvec-mlflow"]["ingress"][0]["from"]
+    assert mlflow_peers[0]["podSelector"]["matchExpressions"][0]["values"] == ["ray-head", "ray-worker"]
+    assert policies[f"{RELEASE}-secvec-postgresql"]["ingress"][0]["ports"] == [{"port": 5432, "protocol": "TCP"}]
+    # The policies select the pods they protect.
+    for component, name in (("ray-head", "ray"), ("mlflow", "mlflow"), ("postgresql", "postgresql")):
+        selector = policies[f"{RELEASE}-secvec-{name}"]["podSelector"]
+        labels = {"app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": component,
+                  "app.kubernetes.io/name": "secvec"}  # fmt: skip
+        assert selector["matchLabels"].items() <= labels.items()
+        for expression in selector.get("matchExpressions", []):
+            assert labels[expression["key"]] in expression["values"]
+    assert "NetworkPolicy" not in kinds(render("networkPolicy.enabled=false"))
+    assert "authOptions" not in find(render("rayJob.auth.enabled=false"), "RayJob")["spec"]["rayClusterSpec"]
+
+
+def json_key(condition: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(condition.items()) if k != "ttlSeconds")
+
+
+def test_the_run_again_command_runs_the_given_spec_with_the_release_cluster(tools: Path) -> None:
+    """NOTES.txt's command: `secvec submit my-pipeline.yaml --template <ConfigMap's rayjob-template.yaml>`."""
+    notes = _notes()
+    assert "--template rayjob-template.yaml" in notes and "jsonpath='{.data.rayjob-template\\.yaml}'" in notes
+    objects = render()
+    template = yaml.safe_load(find(objects, "ConfigMap")["data"]["rayjob-template.yaml"])
+    mine = (
+        (REPO_ROOT / "workflows" / "examples" / "cluster-smollm2.yaml")
+        .read_text()
+        .replace("name: cluster-smollm2", "name: my-pipeline")
+    )
+    rayjob = kube.render_rayjob(mine, namespace=NAMESPACE, template=template)
+    assert validation_errors([rayjob]) == []
+    assert rayjob["metadata"]["name"].startswith("my-pipeline-")
+    for where, pod in ray_pods(rayjob):
+        assert not [v for v in pod["volumes"] if "configMap" in v], where  # the release's spec is not mounted
+        (init,) = pod["initContainers"]
+        assert init["env"][0]["value"] == mine and pss_restricted_violations(pod) == []
+    assert kube.check_cluster_spec(kube.parse_pipeline_spec(mine), rayjob["spec"]) == []
+
+
+def test_mlflow_waits_for_the_database_and_restarts_on_config_changes(tools: Path) -> None:
+    pod_template = find(render(), "Deployment")["spec"]["template"]
+    (wait,) = [i for i in pod_template["spec"]["initContainers"] if i["name"] == "wait-for-db"]
+    assert wait["image"].startswith("postgres:") and "pg_isready" in wait["command"][-1]
+    checksum = pod_template["metadata"]["annotations"]["checksum/config"]
+    changed = find(render("mlflow.workers=4"), "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert changed["checksum/config"] != checksum
+    external = find(render(values=(CHART / "ci" / "external-database-values.yaml",)), "Deployment")
+    assert not external["spec"]["template"]["spec"].get("initContainers")
+
+
+def test_scheduled_submitter_jobs_have_a_deadline(tools: Path) -> None:
+    cronjob = find(render(values=(CHART / "ci" / "schedule-cronjob-values.yaml",)), "CronJob")
+    assert cronjob["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 600

@@ -11,9 +11,23 @@ import pytest
 import yaml
 
 try:
-    from tests.conftest_kube import REPO_ROOT, load_documents, pod_specs, require_tools, validation_errors
+    from tests.conftest_kube import (
+        REPO_ROOT,
+        load_documents,
+        pod_specs,
+        pss_restricted_violations,
+        require_tools,
+        validation_errors,
+    )
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from conftest_kube import REPO_ROOT, load_documents, pod_specs, require_tools, validation_errors
+    from conftest_kube import (
+        REPO_ROOT,
+        load_documents,
+        pod_specs,
+        pss_restricted_violations,
+        require_tools,
+        validation_errors,
+    )
 
 from workflows import kube
 
@@ -43,21 +57,39 @@ def test_kustomize_output_matches_kubernetes_and_kuberay_schemas(directory: str)
     objects = build(directory)
     assert {o["kind"] for o in objects} == {
         "ConfigMap", "Deployment", "Service", "PersistentVolumeClaim", "StatefulSet",
-        "RayJob", "CronJob", "ServiceAccount", "Role", "RoleBinding",
+        "RayJob", "CronJob", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy",
     }  # fmt: skip
     assert validation_errors(objects) == []
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS)
-def test_kustomize_pods_run_as_non_root_without_literal_secrets(directory: str) -> None:
+def test_kustomize_pods_pass_pod_security_restricted_without_literal_secrets(directory: str) -> None:
+    checked = set()
     for obj in build(directory):
         for where, pod in pod_specs(obj):
-            assert pod["securityContext"]["runAsNonRoot"] is True, where
+            assert pss_restricted_violations(pod) == [], where
+            checked.add(where)
             for container in pod["containers"]:
                 for env in container.get("env", []):
                     if "PASSWORD" in env["name"]:
                         assert "valueFrom" in env, f"{where}: {env['name']}"
     assert "Secret" not in {o["kind"] for o in build(directory)}
+    assert "RayJob submitter" in checked  # KubeRay's default submitter pod would be rejected
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS)
+def test_rayjob_is_locked_down_and_cleans_up_after_itself(directory: str) -> None:
+    rayjob = only(build(directory), "RayJob")
+    spec = rayjob["spec"]
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert spec["preRunningDeadlineSeconds"] > 0 and "shutdownAfterJobFinishes" not in spec
+    assert {r["policy"] for r in spec["deletionStrategy"]["deletionRules"]} == {"DeleteCluster", "DeleteSelf"}
+    for where, pod in pod_specs(rayjob):
+        assert pod["automountServiceAccountToken"] is False, where
+        registry = pod["containers"][0]["image"].split("/")[0]
+        assert "." in registry, f"{where}: image without a registry host"
+    cron = only(build(directory), "CronJob")["spec"]["jobTemplate"]["spec"]
+    assert cron["activeDeadlineSeconds"] == 600
 
 
 def test_base_wires_pipeline_configmap_mlflow_and_rbac() -> None:
@@ -68,8 +100,9 @@ def test_base_wires_pipeline_configmap_mlflow_and_rbac() -> None:
     assert sorted(configmap["data"]) == ["pipeline.yaml", "rayjob-template.yaml"]
     rayjob = only(objects, "RayJob")
     assert rayjob["spec"]["entrypoint"] == "secvec run /config/pipeline.yaml"
-    for _, pod in pod_specs(rayjob):
-        assert {"name": "pipeline-config", "configMap": {"name": "secvec-pipeline"}} in pod["volumes"]
+    for where, pod in pod_specs(rayjob):
+        if not where.endswith("submitter"):
+            assert {"name": "pipeline-config", "configMap": {"name": "secvec-pipeline"}} in pod["volumes"]
     mlflow = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["command"]
     allowed = mlflow[mlflow.index("--allowed-hosts") + 1].split(",")
     assert {"secvec-mlflow", "secvec-mlflow:*", "secvec-mlflow.*"} <= set(allowed)
@@ -99,6 +132,8 @@ def test_rayjob_has_the_workers_and_data_volume_the_spec_asks_for(directory: str
     assert requests[kube.GPU_RESOURCE] == scaling["resources_per_worker"]["GPU"]
     assert float(requests["cpu"]) >= scaling["resources_per_worker"]["CPU"]
     for where, pod in pod_specs(rayjob):
+        if where.endswith("submitter"):
+            continue
         assert {"name": "pipeline-data", "mountPath": "/data"} in pod["containers"][0]["volumeMounts"], where
         assert {"name": "pipeline-data", "persistentVolumeClaim": {"claimName": "secvec-data"}} in pod["volumes"]
 
@@ -112,7 +147,7 @@ def test_gpu_overlay_places_gpu_workers_on_gpu_nodes() -> None:
     assert pod["containers"][0]["resources"]["requests"]["cpu"] == "8"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert pod["containers"][0]["image"] == "secvec:0.1.0-gpu"
+    assert pod["containers"][0]["image"] == "registry.example.com/secvec:0.1.0-gpu"
     base_group = only(build("base"), "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert "nodeSelector" not in base_group["template"]["spec"]
 
@@ -152,5 +187,23 @@ def test_cronjob_submit_renders_a_valid_rayjob(directory: str, tmp_path: Path) -
     worker = group["template"]["spec"]
     assert worker.get("nodeSelector") == applied["template"]["spec"].get("nodeSelector")
     assert worker["containers"][0]["resources"] == applied["template"]["spec"]["containers"][0]["resources"]
-    for _, pod in pod_specs(rayjob):
-        assert {"name": "pipeline-data", "persistentVolumeClaim": {"claimName": "secvec-data"}} in pod["volumes"]
+    for where, pod in pod_specs(rayjob):
+        if not where.endswith("submitter"):
+            assert {"name": "pipeline-data", "persistentVolumeClaim": {"claimName": "secvec-data"}} in pod["volumes"]
+
+
+def test_dockerfile_installs_pinned_dependencies_before_the_source_on_one_cuda_stack() -> None:
+    """Layer caching and one CUDA stack (checked on the text: no Docker daemon in the test environment)."""
+    lines = [line.strip() for line in (REPO_ROOT / "Dockerfile").read_text().splitlines()]
+    copies = [index for index, line in enumerate(lines) if line.startswith("COPY")]
+    first_install = next(i for i, line in enumerate(lines) if "pip install" in line and "-c constraints.txt" in line)
+    constraints_copy = next(i for i in copies if "constraints.txt" in lines[i])
+    source_copies = [i for i in copies if "secvec_core" in lines[i] or "workflows" in lines[i]]
+    assert constraints_copy < first_install < min(source_copies)
+    assert "--no-deps ." in "\n".join(lines[min(source_copies) :])
+    base = next(line for line in lines if line.startswith("FROM"))
+    assert base.endswith("-cpu")  # CUDA only from torch's wheels, not also from a CUDA base image
+    ray_version = next(line for line in lines if line.startswith("ARG RAY_VERSION=")).split("=", 1)[1]
+    chart_values = yaml.safe_load((REPO_ROOT / "charts" / "secvec" / "values.yaml").read_text())
+    assert ray_version == chart_values["rayJob"]["rayVersion"]
+    assert "whl/cu" in next(line for line in lines if line.startswith("ARG TORCH_INDEX_URL="))  # GPU by default

@@ -15,10 +15,25 @@ _err = Console(stderr=True)
 
 SpecArgument = typer.Argument(..., help="Pipeline spec (YAML file); `secvec run` executes it inside the cluster.")
 NamespaceOption = typer.Option("default", "--namespace", "-n", help="Namespace of the RayJob.")
-ImageOption = typer.Option(kube.DEFAULT_IMAGE, "--image", help="secvec image (built from the Dockerfile).")
+ImageOption = typer.Option(
+    None,
+    "--image",
+    help=f"secvec image in your registry (built from the Dockerfile), e.g. registry.example.com/secvec:"
+    f"{kube.DEFAULT_IMAGE_TAG}. Required without --template.",
+)
 NameOption = typer.Option(None, "--name", help="RayJob name. Default: <spec name>-<UTC timestamp>.")
-NumWorkersOption = typer.Option(None, "--num-workers", min=0, help="Worker pods. Default: spec scaling, else 1.")
-GpusOption = typer.Option(None, "--gpus-per-worker", min=0, help="GPUs per worker. Default: spec scaling, else 1.")
+NumWorkersOption = typer.Option(
+    None, "--num-workers", min=1, help="Worker pods; must equal the spec's scaling.num_workers (default 2)."
+)
+GpusOption = typer.Option(
+    None, "--gpus-per-worker", min=0, help="GPUs per worker; must equal what the spec's scaling asks (0 or 1)."
+)
+DataClaimOption = typer.Option(
+    None,
+    "--data-claim",
+    help="PersistentVolumeClaim mounted at /data on every Ray pod (required if the spec uses /data).",
+)
+PullSecretOption = typer.Option(None, "--image-pull-secret", help="Secret for pulling the image (repeat).")
 NodeSelectorOption = typer.Option(None, "--worker-node-selector", help="KEY=VALUE for the worker pods (repeat).")
 TolerationOption = typer.Option(None, "--worker-toleration", help="KEY[=VALUE][:EFFECT] for the workers (repeat).")
 TrackingUriOption = typer.Option(None, "--mlflow-tracking-uri", help="MLFLOW_TRACKING_URI of the pipeline pods.")
@@ -26,7 +41,10 @@ AuthSecretOption = typer.Option(
     None, "--mlflow-auth-secret", help="Secret with keys username/password for MLflow basic auth."
 )
 TemplateOption = typer.Option(
-    None, "--template", help="RayJob manifest to start from (its cluster spec is kept; sizing options refused)."
+    None,
+    "--template",
+    help="RayJob manifest to start from, e.g. the chart's rayjob-template.yaml: its cluster is kept, what it "
+    "mounts at /config is replaced by SPEC; sizing and data options refused.",
 )
 
 
@@ -92,10 +110,17 @@ def _render(
             worker_tolerations=tolerations,
         )
         if schedule:
-            return kube.render_raycronjob(text, schedule=schedule, time_zone=time_zone, **options)
-        return kube.render_rayjob(text, **options)
+            obj = kube.render_raycronjob(text, schedule=schedule, time_zone=time_zone, **options)
+            rayjob_spec = obj["spec"]["jobTemplate"]
+        else:
+            obj = kube.render_rayjob(text, **options)
+            rayjob_spec = obj["spec"]
+        warnings = kube.check_cluster_spec(kube.parse_pipeline_spec(text), rayjob_spec)
     except (ValueError, kube.PipelineSpecError) as error:
         raise _fail(str(error)) from error
+    for warning in warnings:
+        _err.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    return obj
 
 
 def render(
@@ -109,6 +134,8 @@ def render(
     worker_toleration: list[str] | None = TolerationOption,
     mlflow_tracking_uri: str | None = TrackingUriOption,
     mlflow_auth_secret: str | None = AuthSecretOption,
+    data_claim: str | None = DataClaimOption,
+    image_pull_secret: list[str] | None = PullSecretOption,
     template: Path | None = TemplateOption,
     schedule: str | None = typer.Option(
         None, "--schedule", help="Cron expression: render a RayCronJob (KubeRay 1.6+, feature gate RayCronJob)."
@@ -131,6 +158,8 @@ def render(
         gpus_per_worker=gpus_per_worker,
         mlflow_tracking_uri=mlflow_tracking_uri,
         mlflow_auth_secret=mlflow_auth_secret,
+        data_claim=data_claim,
+        image_pull_secrets=image_pull_secret,
     )
     text = kube.to_yaml(obj)
     if output is None:
@@ -151,6 +180,8 @@ def submit(
     worker_toleration: list[str] | None = TolerationOption,
     mlflow_tracking_uri: str | None = TrackingUriOption,
     mlflow_auth_secret: str | None = AuthSecretOption,
+    data_claim: str | None = DataClaimOption,
+    image_pull_secret: list[str] | None = PullSecretOption,
     template: Path | None = TemplateOption,
     wait: bool = typer.Option(False, "--wait", help="Follow the RayJob until it finishes; exit 1 if it fails."),
     timeout: float = typer.Option(86400.0, "--timeout", min=1, help="Seconds --wait waits at most."),
@@ -172,6 +203,8 @@ def submit(
         gpus_per_worker=gpus_per_worker,
         mlflow_tracking_uri=mlflow_tracking_uri,
         mlflow_auth_secret=mlflow_auth_secret,
+        data_claim=data_claim,
+        image_pull_secrets=image_pull_secret,
     )
     try:
         api_client = kube.load_api_client(in_cluster=in_cluster, kubeconfig=kubeconfig, context=context)

@@ -70,7 +70,11 @@ def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     if ray.is_initialized():
         return
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
-           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
+           "TOKENIZERS_PARALLELISM": "false"}
+    if not os.environ.get("RAY_ADDRESS"):
+        # Only for the local Ray started below; a cluster's own setting (KubeRay token auth sets
+        # RAY_AUTH_MODE=token and RAY_AUTH_TOKEN) must reach the driver and workers unchanged.
+        env["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "disabled")
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "SECVEC_MLFLOW_RETRY_SECONDS",
                 "SECVEC_CACHE", "HF_HUB_OFFLINE", "SECVEC_FAULT_KILL_AT_STEP"):
         if key in os.environ:
