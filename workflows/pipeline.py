@@ -143,7 +143,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
     from ray.train.torch import TorchTrainer
 
     from workflows.claims import Heartbeat, StageClaims, owner_tags
-    from workflows.leftovers import remove_stale_scratch
+    from workflows.leftovers import end_orphaned_ray, remove_stale_scratch
     from workflows.preflight import check_fingerprints, preflight
     from workflows.tracking import RETRY_ENV, StageRun, ensure_experiment
 
@@ -155,6 +155,8 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
     experiment_id = ensure_experiment(tracking_uri, spec.tracking.experiment, artifact_location)
     claims = StageClaims(tracking_uri, experiment_id)
     claims.sweep_stale()  # runs left RUNNING by a driver that was killed
+    if not os.environ.get("RAY_ADDRESS"):
+        end_orphaned_ray()  # its Ray processes, before its workers' scratch folders can be unlocked
     remove_stale_scratch()
     parent = StageRun(tracking_uri, experiment_id, f"pipeline/{spec.name}", None,
                       {"secvec.pipeline": spec.name, "secvec.kind": "pipeline", **owner_tags()})
