@@ -139,6 +139,7 @@ def test_two_claims_created_at_the_same_moment_never_both_win(store, monkeypatch
     def create_with_rival():
         mine = _stage_run(uri, experiment_id)
         rival.append(_stage_run(uri, experiment_id))
+        claims_module._HELD.add(rival[0])  # a live claim (another driver's, played by this process)
         return mine
 
     with pytest.raises(ClaimRefusedError):
@@ -161,15 +162,18 @@ def test_runs_of_a_dead_driver_are_marked_failed_and_live_ones_are_left(store):
     stage = _stage_run(uri, experiment_id, {OWNER_TAG: dead_owner})
     pipeline = StageRun(uri, experiment_id, "pipeline/p", None,
                         {"secvec.kind": "pipeline", **owner_tags(), OWNER_TAG: dead_owner}).run_id
-    live = _stage_run(uri, experiment_id)  # owned by this process
+    live = _stage_run(uri, experiment_id)  # owned by this process, which is working on it
+    claims_module._HELD.add(live)
+    left_behind = _stage_run(uri, experiment_id)  # owned by this process, which is not working on it
     elsewhere = _stage_run(uri, experiment_id, {OWNER_TAG: json.dumps({"host": "other-host", "pid": 1, "started": 1}),
                                                 HEARTBEAT_TAG: f"{time.time():.1f}"})
     marked = StageClaims(uri, experiment_id).sweep_stale()
-    assert sorted(marked) == sorted([stage, pipeline])
+    assert sorted(marked) == sorted([stage, pipeline, left_behind])
     client = MlflowClient(uri)
     for run_id in (stage, pipeline):
         run = client.get_run(run_id)
         assert run.info.status == "FAILED" and "driver process" in run.data.tags[FAILURE_TAG]
+    assert "earlier pipeline of this driver process" in client.get_run(left_behind).data.tags[FAILURE_TAG]
     assert {r.info.run_id for r in _running(uri, experiment_id)} == {live, elsewhere}
 
 

@@ -35,6 +35,7 @@ HASH_TAG = "secvec.stage_hash"
 LEASE_ENV = "SECVEC_LEASE_SECONDS"
 LEASE_SECONDS = 300.0
 WAIT_POLL_SECONDS = 2.0
+_HELD: set[str] = set()  # RUNNING runs this process is working on now (a run it left behind is stale)
 
 
 class ClaimRefusedError(RuntimeError):
@@ -57,15 +58,18 @@ def owner_tags() -> dict[str, str]:
     return {OWNER_TAG: json.dumps(this_owner(), sort_keys=True), HEARTBEAT_TAG: f"{time.time():.1f}"}
 
 
-def stale_reason(tags: dict[str, str], start_time_ms: int, now: float | None = None) -> str | None:
+def stale_reason(run_id: str, tags: dict[str, str], start_time_ms: int, now: float | None = None) -> str | None:
     """Why a RUNNING run is abandoned, or None while its driver may still be alive.
 
-    Same host: the owner process is gone (or its pid now belongs to another process). Other host, or no owner
-    tag (runs from older versions): no heartbeat (or start, if none) for longer than the lease."""
+    Same host: the owner process is gone (or its pid now belongs to another process), or it is this process and
+    the run is not one it is working on (an earlier pipeline in this process failed without reaching MLflow).
+    Other host, or no owner tag (runs from older versions): no heartbeat (or start) for longer than the lease."""
     import psutil
 
     now = time.time() if now is None else now
     owner = _parse_owner(tags.get(OWNER_TAG))
+    if owner and owner == this_owner():
+        return None if run_id in _HELD else "left behind by an earlier pipeline of this driver process"
     if owner and owner.get("host") == socket.gethostname():
         try:
             alive = abs(psutil.Process(int(owner["pid"])).create_time() - float(owner["started"])) < 1.0
@@ -134,7 +138,7 @@ class StageClaims:
             tags = run.data.tags
             if HASH_TAG not in tags and tags.get("secvec.kind") != "pipeline":
                 continue  # not a run secvec's driver owns
-            reason = stale_reason(tags, run.info.start_time)
+            reason = stale_reason(run.info.run_id, tags, run.info.start_time)
             if reason:
                 logger.info(
                     "marking abandoned run %s (%s) FAILED: %s", run.info.run_id, tags.get("mlflow.runName", ""), reason
@@ -149,7 +153,7 @@ class StageClaims:
         for run in self._search(
             f"tags.`{HASH_TAG}` = '{digest}' and attributes.status = 'RUNNING'", "search running stages"
         ):
-            reason = stale_reason(run.data.tags, run.info.start_time)
+            reason = stale_reason(run.info.run_id, run.data.tags, run.info.start_time)
             if reason:
                 self.mark_failed(run.info.run_id, f"abandoned: {reason}")
             else:
@@ -173,9 +177,11 @@ class StageClaims:
             rivals = self.live_claims(digest)
             if not rivals:
                 run_id = create_run()
+                _HELD.add(run_id)  # ours and alive; the caller keeps holding it (Heartbeat.hold) until the stage ends
                 rivals = [r for r in self.live_claims(digest) if r.info.run_id != run_id]
                 if not rivals:
                     return Claim(run_id=run_id)
+                _HELD.discard(run_id)
                 self.withdraw(run_id)  # both may withdraw; the random pause breaks the tie on the next round
                 time.sleep(random.uniform(0.2, 2.0))
                 continue
@@ -201,7 +207,8 @@ class StageClaims:
 
 
 class Heartbeat:
-    """Refreshes ``secvec.heartbeat`` on the driver's RUNNING runs every lease/5 seconds, in a daemon thread."""
+    """Holds the driver's RUNNING runs: refreshes their ``secvec.heartbeat`` every lease/5 seconds in a daemon
+    thread, and marks them as this process's live work (so :func:`stale_reason` leaves them alone)."""
 
     def __init__(self, tracking_uri: str):
         from mlflow import MlflowClient
@@ -220,5 +227,15 @@ class Heartbeat:
                 except Exception as err:  # a missed beat is harmless until the lease runs out
                     logger.info("heartbeat for run %s failed: %s", run_id, type(err).__name__)
 
+    def hold(self, run_id: str) -> None:
+        self.run_ids.add(run_id)
+        _HELD.add(run_id)
+
+    def release(self, run_id: str) -> None:
+        self.run_ids.discard(run_id)
+        _HELD.discard(run_id)
+
     def stop(self) -> None:
+        for run_id in list(self.run_ids):
+            self.release(run_id)
         self._stop.set()

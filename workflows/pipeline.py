@@ -161,7 +161,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
     parent = StageRun(tracking_uri, experiment_id, f"pipeline/{spec.name}", None,
                       {"secvec.pipeline": spec.name, "secvec.kind": "pipeline", **owner_tags()})
     heartbeat = Heartbeat(tracking_uri)
-    heartbeat.run_ids.add(parent.run_id)
+    heartbeat.hold(parent.run_id)
     result = PipelineResult(spec=spec, parent_run_id=parent.run_id, tracking_uri=tracking_uri)
     status = "FAILED"
     try:
@@ -185,7 +185,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
                 logger.info("stage %s: reusing %s (same spec and inputs)", stage.name, claim.reused_output["uri"])
                 result.stages[stage.name] = StageResult(stage.name, stage.kind, claim.reused_output, 0.0, reused=True)
             else:
-                heartbeat.run_ids.add(claim.run_id)
+                heartbeat.hold(claim.run_id)
                 try:
                     if isinstance(stage, GuardedFinetuneStage):
                         check_fingerprints(stage.name, inputs["base"], inputs["vectors"], tracking_uri)
@@ -203,7 +203,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
                     _release_failed_claim(claims, claim.run_id, err)
                     raise
                 finally:
-                    heartbeat.run_ids.discard(claim.run_id)
+                    heartbeat.release(claim.run_id)
                 result.stages[stage.name] = StageResult(stage.name, stage.kind, output, time.time() - started)
             if on_stage:
                 on_stage(stage.name, result.stages[stage.name])
