@@ -49,16 +49,20 @@ class Scratch:
             self._lock.release()
 
 
-def remove_stale_scratch(root: str | Path | None = None) -> list[Path]:
+def remove_stale_scratch(root: str | Path | None = None, min_age_s: float = 2.0) -> list[Path]:
     """Remove scratch folders under ``root`` (default: the temp dir) whose worker is gone; returns them.
-    Folders without the lock file are not secvec's scratch (or are being created) and are left alone."""
+    Folders without the lock file are not secvec's scratch and are left alone, and so are lock files younger
+    than ``min_age_s`` (a worker may have created the file and not yet locked it)."""
     from filelock import FileLock, Timeout
 
     removed = []
     for folder in Path(root or tempfile.gettempdir()).glob("secvec-*-*"):
         lock_file = folder / SCRATCH_LOCK
-        if not lock_file.is_file():
-            continue
+        try:
+            if time.time() - lock_file.stat().st_mtime < min_age_s:
+                continue
+        except OSError:
+            continue  # no lock file: not scratch, or removed meanwhile
         lock = FileLock(str(lock_file), timeout=0)
         try:
             lock.acquire()
@@ -81,15 +85,25 @@ def ray_temp_dir() -> str:
     return os.environ.get(RAY_TEMP_ENV) or f"/tmp/ray-secvec-{os.getuid()}"
 
 
-def _session_processes(session_dir: str) -> list:
+def _processes_mentioning(paths: list[str]) -> dict[str, list]:
+    """One scan of the process table: path -> processes (not this one) whose command line mentions it."""
     import psutil
 
-    found = []
+    found: dict[str, list] = {path: [] for path in paths}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         with contextlib.suppress(psutil.Error):
-            if proc.pid != os.getpid() and any(session_dir in arg for arg in proc.info["cmdline"] or ()):
-                found.append(proc)
+            if proc.pid == os.getpid():
+                continue
+            args = proc.info["cmdline"] or ()
+            for path in paths:
+                if any(path in arg for arg in args):
+                    found[path].append(proc)
+                    break
     return found
+
+
+def _session_processes(session_dir: str) -> list:
+    return _processes_mentioning([session_dir])[session_dir]
 
 
 def end_processes(procs: list, grace_s: float = 3.0) -> None:
@@ -126,16 +140,17 @@ def end_orphaned_ray(temp_dir: str | None = None) -> list[str]:
     import psutil
 
     root = Path(temp_dir or ray_temp_dir())
-    orphaned = []
+    dead = []
     for session in sorted(root.glob("session_*")) if root.is_dir() else []:
         match = _SESSION.match(session.name)
-        if not match or session.is_symlink() or psutil.pid_exists(int(match["pid"])):
-            continue
-        procs = _session_processes(str(session))
+        if match and not session.is_symlink() and not psutil.pid_exists(int(match["pid"])):
+            dead.append(str(session))
+    orphaned = []
+    for session, procs in _processes_mentioning(dead).items() if dead else ():
         if procs:
-            logger.info("ending %d process(es) of Ray session %s (its driver is gone)", len(procs), session.name)
+            logger.info("ending %d process(es) of Ray session %s (its driver is gone)", len(procs), session)
             end_processes(procs)
-            orphaned.append(session.name)
+            orphaned.append(Path(session).name)
     return orphaned
 
 
