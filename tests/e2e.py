@@ -53,7 +53,7 @@ def postgres_database(prefix: str = "secvec_test"):
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None, timeout_s: float = 300):
+def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None, timeout_s: float = 600):
     """Start `mlflow server` and wait until /health answers; stop it afterwards."""
     port = port or free_port()
     log = open(artifacts.parent / f"mlflow-server-{port}.log", "w")  # noqa: SIM115
