@@ -39,9 +39,10 @@ def require_postgres():
 
 
 @contextlib.contextmanager
-def postgres_database():
+def postgres_database(prefix: str = "secvec_test"):
+    """A fresh database named ``<prefix>_<random>``, dropped afterwards."""
     conn = require_postgres()
-    name = f"secvec_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     conn.cursor().execute(f'CREATE DATABASE "{name}"')
     try:
         yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
@@ -52,7 +53,7 @@ def postgres_database():
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None, timeout_s: float = 120):
+def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None, timeout_s: float = 600):
     """Start `mlflow server` and wait until /health answers; stop it afterwards."""
     port = port or free_port()
     log = open(artifacts.parent / f"mlflow-server-{port}.log", "w")  # noqa: SIM115

@@ -161,13 +161,18 @@ def _print_evaluations(result) -> list[dict]:
 
     table.add_row("before fine-tuning", f(rows[0]["base_harmful_rate"]), "-", "-", "-", "")
     for r in rows:
-        gate = "[green]champion[/]" if r["gate"] == "passed" else "[yellow]held[/]"
+        gate = "[yellow]held[/]"
+        if r["gate"] == "passed":  # champion only if the registry says so now (another run may have moved it)
+            alias = result.stages[r["stage"]].output.get("alias", "champion")
+            gate = "[green]champion[/]" if alias == "champion" else "[yellow]passed, not champion[/]"
         table.add_row(r["candidate"].split("/")[-2].split(".")[-1], f(r["harmful_rate"]), f(r["task_accuracy"]),
                       f(r["transfer_gap"]), f(r["benign_refusal_rate"]), gate)
     console.print(table)
     for r in rows:
         if r["gate"] != "passed":
             console.print(f"  {r['stage']}: held back: {r['reason']}", highlight=False)
+        elif result.stages[r["stage"]].output.get("alias_note"):
+            console.print(f"  {r['stage']}: {result.stages[r['stage']].output['alias_note']}", highlight=False)
     console.print("  gap = task accuracy with the vector on minus off (0 means the task carries over).")
     return rows
 
@@ -192,6 +197,15 @@ def _run_or_fail(spec, reuse: bool):
         _fail(f"{type(err).__name__}: {_root_cause(str(err))} (set SECVEC_VERBOSE=1 for the traceback)", code=1)
 
 
+def _configure_logging(verbose: bool) -> None:
+    """Quiet by default: a failure is the one line `_fail` prints. MLflow's HTTP retries (urllib3) and secvec's
+    own retry notices show only with --verbose, which also sets SECVEC_VERBOSE (Ray's logs, tracebacks)."""
+    if verbose:
+        os.environ["SECVEC_VERBOSE"] = "1"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
 def _root_cause(text: str) -> str:
     """Ray wraps worker errors in pages of traceback; keep the last line that names an error."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -203,9 +217,11 @@ def _root_cause(text: str) -> str:
 
 @app.command()
 def run(spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
-        no_reuse: bool = typer.Option(False, "--no-reuse", help="Rerun stages even if an identical one finished.")) -> None:
+        no_reuse: bool = typer.Option(False, "--no-reuse", help="Rerun stages even if an identical one finished."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show retry notices, Ray's logs and tracebacks.")
+        ) -> None:
     """Run a pipeline: each stage as a Ray Train job, tracked and versioned in MLflow."""
-    logging.basicConfig(level=logging.WARNING)
+    _configure_logging(verbose)
     parsed = _load(spec)
     _refuse_unfit(parsed)
     result = _run_or_fail(parsed, reuse=not no_reuse)

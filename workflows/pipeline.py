@@ -64,8 +64,11 @@ def default_artifact_location(tracking_uri: str, work_dir: Path) -> str | None:
 
 
 def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
-    """Join ``RAY_ADDRESS`` when set, else start a local Ray (the embedded default)."""
+    """Join ``RAY_ADDRESS`` when set, else start a local Ray (the embedded default) that ends with this process;
+    processes left by an earlier driver that was killed are ended first (see ``workflows.leftovers``)."""
     import ray
+
+    from workflows.leftovers import end_orphaned_ray, ray_temp_dir, session_dir_of, shut_down_ray_at_exit
 
     if ray.is_initialized():
         return
@@ -83,9 +86,14 @@ def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
     else:
+        temp_dir = temp_dir or ray_temp_dir()
+        end_orphaned_ray(temp_dir)
         ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
                  runtime_env={"env_vars": env}, _temp_dir=temp_dir, configure_logging=False,
                  log_to_driver=bool(os.environ.get("SECVEC_VERBOSE")))
+        session = session_dir_of(os.getpid(), temp_dir)
+        if session:
+            shut_down_ray_at_exit(session)
 
 
 def stage_hash(stage_dict: dict, inputs: dict) -> str:
@@ -111,12 +119,36 @@ def _find_reusable(tracking_uri: str, experiment_id: str, digest: str) -> dict |
     return None
 
 
+def _verify_aliases(result: PipelineResult, tracking_uri: str) -> None:
+    """The final table states the truth: an alias a stage set (now or in a reused run) is checked against the
+    registry, and dropped from the output, with a note, if another run has moved it since."""
+    from workflows.registry import Registry
+    from workflows.specs import REGISTRY_URI
+
+    registry = Registry(tracking_uri)
+    for stage in result.stages.values():
+        alias = stage.output.get("alias")
+        match = REGISTRY_URI.match(stage.output.get("uri", ""))
+        if not alias or not match or not match["version"]:
+            continue
+        now = registry.alias_target(match["name"], alias)
+        if now != match["version"]:
+            stage.output["alias"] = None
+            stage.output["alias_note"] = (f"{alias} is now {'version ' + now if now else 'unset'} of {match['name']} "
+                                          "(moved by another run)")
+
+
 def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | None], None] | None = None,
-                 reuse: bool = True, num_cpus: int | None = None) -> PipelineResult:
-    """Run every stage in order; returns each stage's output record (registry URI, metrics)."""
+                 reuse: bool = True, num_cpus: int | None = None, wait_for_rivals: bool = True) -> PipelineResult:
+    """Run every stage in order; returns each stage's output record (registry URI, metrics).
+
+    Each stage is claimed before it trains (``workflows.claims``): a stage that another live driver is training
+    is waited for and its result reused (``wait_for_rivals=False``: refused with ``ClaimRefusedError``)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from workflows.claims import Heartbeat, StageClaims, owner_tags
+    from workflows.leftovers import end_orphaned_ray, remove_stale_scratch
     from workflows.preflight import check_fingerprints, preflight
     from workflows.tracking import RETRY_ENV, StageRun, ensure_experiment
 
@@ -127,13 +159,20 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
     check_fits(spec)  # secvec plan: refuse a spec whose stages cannot fit the declared GPU memory
     artifact_location = spec.tracking.artifact_location or default_artifact_location(tracking_uri, work_dir)
     experiment_id = ensure_experiment(tracking_uri, spec.tracking.experiment, artifact_location)
+    claims = StageClaims(tracking_uri, experiment_id)
+    claims.sweep_stale()  # runs left RUNNING by a driver that was killed
+    if not os.environ.get("RAY_ADDRESS"):
+        end_orphaned_ray()  # its Ray processes, before its workers' scratch folders can be unlocked
+    remove_stale_scratch()
     parent = StageRun(tracking_uri, experiment_id, f"pipeline/{spec.name}", None,
-                      {"secvec.pipeline": spec.name, "secvec.kind": "pipeline"})
-    parent.log_params({"pipeline": spec.model_dump(mode="json", exclude={"stages"})})
+                      {"secvec.pipeline": spec.name, "secvec.kind": "pipeline", **owner_tags()})
+    heartbeat = Heartbeat(tracking_uri)
+    heartbeat.hold(parent.run_id)
     result = PipelineResult(spec=spec, parent_run_id=parent.run_id, tracking_uri=tracking_uri)
-    init_ray(num_cpus, os.environ.get("SECVEC_RAY_TEMP_DIR"))  # Ray's unix sockets need a short path
     status = "FAILED"
     try:
+        parent.log_params({"pipeline": spec.model_dump(mode="json", exclude={"stages"})})
+        init_ray(num_cpus, os.environ.get("SECVEC_RAY_TEMP_DIR"))  # Ray's unix sockets need a short path
         for stage in spec.stages:
             inputs = _resolve_inputs(spec, stage, result, tracking_uri)
             stage_dict = stage.model_dump(mode="json")
@@ -142,54 +181,88 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
             if on_stage:
                 on_stage(stage.name, None)
             started = time.time()
-            cached = _find_reusable(tracking_uri, experiment_id, digest) if reuse else None
-            if cached is not None:
-                logger.info("stage %s: reusing %s (same spec and inputs)", stage.name, cached["uri"])
-                result.stages[stage.name] = StageResult(stage.name, stage.kind, cached, 0.0, reused=True)
+            stage_tags = {"secvec.stage": stage.name, "secvec.stage_kind": stage.kind, "secvec.stage_hash": digest,
+                          "secvec.pipeline": spec.name}
+            claim = claims.acquire(
+                digest, stage_name=stage.name, wait=wait_for_rivals,
+                find_finished=lambda d=digest: _find_reusable(tracking_uri, experiment_id, d) if reuse else None,
+                create_run=lambda t=stage_tags, n=stage.name: StageRun(
+                    tracking_uri, experiment_id, f"{spec.name}/{n}", parent.run_id, {**t, **owner_tags()}).run_id)
+            if claim.reused_output is not None:
+                logger.info("stage %s: reusing %s (same spec and inputs)", stage.name, claim.reused_output["uri"])
+                result.stages[stage.name] = StageResult(stage.name, stage.kind, claim.reused_output, 0.0, reused=True)
             else:
-                if isinstance(stage, GuardedFinetuneStage | AttackSweepStage):
-                    check_fingerprints(stage.name, inputs["base"], inputs["vectors"], tracking_uri)
-                ctx = StageContext(
-                    stage=stage_dict, pipeline=spec.name, base_source=inputs["base"], vector_refs=inputs["vectors"],
-                    candidate_uri=inputs["candidate"], tracking_uri=tracking_uri, experiment_id=experiment_id,
-                    parent_run_id=parent.run_id, base_name=spec.tracking.base_name, stage_hash=digest,
-                    checkpoint_every=spec.scaling.checkpoint_every, work_dir=str(work_dir),
-                    trust_remote_code=inputs["trust_remote_code"],
-                    retry_seconds=float(os.environ[RETRY_ENV]) if os.environ.get(RETRY_ENV) else None,
-                    fault_kill_at_step=os.environ.get("SECVEC_FAULT_KILL_AT_STEP") or None,
-                    datasets=inputs["datasets"] or None)
-            if cached is None and isinstance(stage, AttackSweepStage):  # cells as Ray tasks, see redteam.py
-                from workflows.redteam import run_attack_sweep
+                heartbeat.hold(claim.run_id)
+                try:
+                    if isinstance(stage, GuardedFinetuneStage | AttackSweepStage):
+                        check_fingerprints(stage.name, inputs["base"], inputs["vectors"], tracking_uri)
+                    ctx = StageContext(
+                        stage=stage_dict, pipeline=spec.name, base_source=inputs["base"],
+                        vector_refs=inputs["vectors"], candidate_uri=inputs["candidate"], tracking_uri=tracking_uri,
+                        experiment_id=experiment_id, parent_run_id=parent.run_id,
+                        base_name=spec.tracking.base_name, stage_hash=digest,
+                        checkpoint_every=spec.scaling.checkpoint_every, work_dir=str(work_dir),
+                        trust_remote_code=inputs["trust_remote_code"],
+                        retry_seconds=float(os.environ[RETRY_ENV]) if os.environ.get(RETRY_ENV) else None,
+                        fault_kill_at_step=os.environ.get("SECVEC_FAULT_KILL_AT_STEP") or None,
+                        datasets=inputs["datasets"] or None, run_id=claim.run_id)
+                    if isinstance(stage, AttackSweepStage):  # cells as Ray tasks, see redteam.py
+                        from workflows.redteam import run_attack_sweep
 
-                try:
-                    output = run_attack_sweep(ctx, spec.scaling)
-                except Exception as err:
-                    raise stage_error(stage.name, getattr(err, "cause", None) or err) from err
-                result.stages[stage.name] = StageResult(stage.name, stage.kind, output, time.time() - started)
-            elif cached is None:
-                trainer = TorchTrainer(
-                    stage_worker, train_loop_config=ctx.__dict__,
-                    scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                                                 resources_per_worker=dict(spec.scaling.resources_per_worker)),
-                    run_config=RunConfig(name=f"{spec.name}-{stage.name}-{uuid.uuid4().hex[:8]}",
-                                         storage_path=str(work_dir / "ray-results"),
-                                         failure_config=FailureConfig(max_failures=spec.scaling.max_failures)),
-                )
-                try:
-                    fit = trainer.fit()
-                except Exception as err:  # Ray Train v2 raises TrainingFailedError wrapping the workers' errors
-                    raise stage_error(stage.name, err) from err
-                if fit.error:
-                    raise stage_error(stage.name, fit.error)
-                with fit.checkpoint.as_directory() as d:
-                    output = json.loads((Path(d) / OUTPUT_FILE).read_text())
+                        try:
+                            output = run_attack_sweep(ctx, spec.scaling)
+                        except Exception as err:
+                            raise stage_error(stage.name, getattr(err, "cause", None) or err) from err
+                    else:
+                        output = _fit(ctx, spec, stage, work_dir, TorchTrainer, ScalingConfig, RunConfig,
+                                      FailureConfig)
+                except BaseException as err:
+                    _release_failed_claim(claims, claim.run_id, err)
+                    raise
+                finally:
+                    heartbeat.release(claim.run_id)
                 result.stages[stage.name] = StageResult(stage.name, stage.kind, output, time.time() - started)
             if on_stage:
                 on_stage(stage.name, result.stages[stage.name])
+        _verify_aliases(result, tracking_uri)
         status = "FINISHED"
     finally:
+        heartbeat.stop()
         _close_parent_run(parent, result, status)
     return result
+
+
+def _fit(ctx: StageContext, spec: PipelineSpec, stage, work_dir: Path, TorchTrainer, ScalingConfig, RunConfig,
+         FailureConfig) -> dict:
+    """One stage as a Ray Train job; returns the output record rank 0 attached to its final checkpoint."""
+    trainer = TorchTrainer(
+        stage_worker, train_loop_config=ctx.__dict__,
+        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker=dict(spec.scaling.resources_per_worker)),
+        run_config=RunConfig(name=f"{spec.name}-{stage.name}-{uuid.uuid4().hex[:8]}",
+                             storage_path=str(work_dir / "ray-results"),
+                             failure_config=FailureConfig(max_failures=spec.scaling.max_failures)),
+    )
+    try:
+        fit = trainer.fit()
+    except Exception as err:  # Ray Train v2 raises TrainingFailedError wrapping the workers' errors
+        raise stage_error(stage.name, err) from err
+    if fit.error:
+        raise stage_error(stage.name, fit.error)
+    with fit.checkpoint.as_directory() as d:
+        return json.loads((Path(d) / OUTPUT_FILE).read_text())
+
+
+def _release_failed_claim(claims, run_id: str, err: BaseException) -> None:
+    """A stage that failed or was interrupted leaves no RUNNING run behind (a worker may already have marked it);
+    tried briefly, and never hiding the stage's own error."""
+    try:
+        run = claims.client.get_run(run_id)
+        if run.info.status == "RUNNING":
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            claims.mark_failed(run_id, f"stage failed: {reason}", budget_s=5.0)
+    except Exception:
+        logger.info("could not mark the stage run %s as FAILED", run_id)
 
 
 def _close_parent_run(parent, result: PipelineResult, status: str) -> None:
@@ -202,7 +275,7 @@ def _close_parent_run(parent, result: PipelineResult, status: str) -> None:
     except Exception:
         if status == "FINISHED":
             raise
-        logger.warning("could not mark the pipeline run %s as %s", parent.run_id, status)
+        logger.info("could not mark the pipeline run %s as %s", parent.run_id, status)
 
 
 def stage_error(name: str, err: BaseException) -> StageFailedError:

@@ -255,8 +255,11 @@ def run_attack_sweep(ctx: StageContext, scaling: ScalingSpec) -> dict:
             "secvec.pipeline": ctx.pipeline,
             "secvec.redteam.vectors": json.dumps(ctx.vector_refs),
         },
+        existing_run_id=ctx.run_id,  # the run the driver created to claim this stage (workflows.claims)
     )
     try:
+        if ctx.run_id:  # the claimed run was created by the driver with the stage tags only
+            run.set_tags({"secvec.redteam.vectors": json.dumps(ctx.vector_refs)})
         run.log_params({"stage": ctx.stage, "base_model": ctx.base_source, "vectors": ctx.vector_refs})
         client = MlflowClient(ctx.tracking_uri)
         resources = dict(scaling.resources_per_worker)

@@ -5,6 +5,11 @@ Registered models (``<base>`` is ``tracking.base_name``):
   ``<base>.security-vector.<behaviour>``  security vectors, one version per training run
   ``<base>.finetuned.<stage>``            shipped fine-tuned artifacts (task adapter or full weights)
 Every version carries lineage tags; ``champion`` is the alias a promotion sets.
+
+Writes are safe to repeat and to race: a run registers at most one version per registered model (a retry finds
+the version an earlier attempt created), and an alias is moved only if nobody else moved it since this run
+looked (MLflow has no compare-and-set, so the alias is read before and after the move and a conflict is an
+error naming the other version, never a silent overwrite).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workflows.specs import REGISTRY_URI
-from workflows.tracking import configure_http_retries, redact, with_retries
+from workflows.tracking import configure_http_retries, create_once, redact, with_retries
 
 KIND_TAG = "secvec.kind"
 CHAMPION = "champion"
@@ -23,6 +28,13 @@ CHAMPION = "champion"
 
 class RegistryError(ValueError):
     """A registry reference that cannot be resolved, or a promotion the gate refuses."""
+
+
+class AliasConflictError(RegistryError):
+    """Another run moved the alias between this run's look and its move; this run did not overwrite it."""
+
+
+_ANY = object()  # set_alias without an expected previous version
 
 
 @dataclass
@@ -98,24 +110,62 @@ class Registry:
             if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                 raise
         tags = {k: str(v) for k, v in tags.items()}
-        mv = self._call(lambda: self.client.create_model_version(name, source=source, run_id=run_id, tags=tags),
-                        f"register a version of {name}")
-        return VersionRef(mv.name, str(mv.version), mv.source, mv.run_id, tags)
+        existing = self.find_version(name, run_id)  # a restarted worker, or a create whose reply was lost
+        if existing is not None:
+            return existing
+        mv = create_once(lambda: self.client.create_model_version(name, source=source, run_id=run_id, tags=tags),
+                         lambda: self.find_version(name, run_id), f"register a version of {name}", self.tracking_uri)
+        return VersionRef(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or tags))
+
+    def find_version(self, name: str, run_id: str):
+        """The version of ``name`` registered from ``run_id`` (a stage run registers at most one), or None."""
+        versions = self._call(lambda: self.client.search_model_versions(f"name='{name}' and run_id='{run_id}'"),
+                              f"look up versions of {name}")
+        if not versions:
+            return None
+        mv = min(versions, key=lambda m: int(m.version))
+        return VersionRef(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or {}))
+
+    def alias_target(self, name: str, alias: str = CHAMPION) -> str | None:
+        """The version number ``name@alias`` points at now, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            rm = self._call(lambda: self.client.get_registered_model(name), f"look up {name}")
+        except MlflowException:
+            return None
+        target = (rm.aliases or {}).get(alias)
+        return None if target is None else str(target)
 
     def tag(self, version: VersionRef, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self._call(lambda k=k, v=v: self.client.set_model_version_tag(version.name, version.version, k, str(v)),
                        f"tag {version.uri}")
 
-    def set_alias(self, version: VersionRef, alias: str = CHAMPION) -> None:
+    def set_alias(self, version: VersionRef, alias: str = CHAMPION, expected=_ANY) -> None:
+        """Point ``alias`` at ``version``. With ``expected`` (the version number the alias pointed at when the
+        caller looked, or None), refuse if another run has moved it since. The alias is read back afterwards,
+        so a move that raced with another run's move is reported instead of claimed."""
+        if expected is not _ANY:
+            now = self.alias_target(version.name, alias)
+            if now not in (expected, version.version):
+                raise AliasConflictError(
+                    f"{version.uri}: not made {alias}: another run moved {version.name}@{alias} from "
+                    f"{_describe_version(expected)} to version {now} after this run looked; not overwriting it "
+                    "(rerun the pipeline to evaluate and promote this version against the new one)")
         self._call(lambda: self.client.set_registered_model_alias(version.name, alias, version.version),
                    f"set alias {alias} on {version.uri}")
+        after = self.alias_target(version.name, alias)
+        if after != version.version:
+            raise AliasConflictError(f"{version.uri}: not {alias}: another run moved {version.name}@{alias} to "
+                                     f"version {after} at the same moment")
 
     def promote_finetuned(self, version: VersionRef, alias: str = CHAMPION) -> None:
         """Promote a fine-tuned version only if an evaluation run of this very version is recorded and its
         artifact holds no vector content."""
         from mlflow.exceptions import MlflowException
 
+        looked = self.alias_target(version.name, alias)  # compare-and-set against this, after the slow checks
         current = self.resolve(version.uri)
         eval_run_id = current.tags.get("secvec.eval.run_id")
         if current.tags.get("secvec.eval.version") != version.version or not eval_run_id:
@@ -133,7 +183,7 @@ class Registry:
             raise RegistryError(f"{version.uri}: refusing to promote: gate status is "
                                 f"{current.tags.get('secvec.gate', 'unset')} ({current.tags.get('secvec.gate.reason', '')})")
         self.check_vector_free(current)
-        self.set_alias(current, alias)
+        self.set_alias(current, alias, expected=looked)
 
     def check_vector_free(self, version: VersionRef) -> None:
         """Refuse an artifact that is not exactly what a guarded fine-tune ships: a pickle file, weights that
@@ -181,3 +231,7 @@ class Registry:
                              "aliases": aliases.get(str(mv.version), []), "tags": dict(mv.tags or {}),
                              "run_id": mv.run_id})
         return rows
+
+
+def _describe_version(version: str | None) -> str:
+    return "no version" if version is None else f"version {version}"

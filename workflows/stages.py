@@ -47,6 +47,7 @@ class StageContext:
     retry_seconds: float | None = None  # the driver's $SECVEC_MLFLOW_RETRY_SECONDS when the stage started
     fault_kill_at_step: str | None = None  # the driver's $SECVEC_FAULT_KILL_AT_STEP (fault-injection tests)
     datasets: dict[str, str] | None = None  # "<stage>/<split>" -> artifact URI of a data_preparation output
+    run_id: str | None = None  # the MLflow run the driver created to claim this stage (workflows.claims)
 
     def spec(self):
         return TypeAdapter(Stage).validate_python(self.stage)
@@ -88,8 +89,12 @@ class _StageWorker:
 
         self.ctx, self.rank = ctx, rank
         self.spec = ctx.spec()
-        self.scratch_root = scratch_root()
-        self.scratch = Path(tempfile.mkdtemp(prefix=f"{self.spec.name}-", dir=self.scratch_root))
+        from workflows.leftovers import Scratch, remove_stale_scratch
+
+        remove_stale_scratch()  # of workers killed earlier on this node
+        self._scratch = Scratch(self.spec.name)  # removed when the stage ends (run)
+        self.scratch = self._scratch.path
+        self.scratch_root = scratch_root()  # stable across runs: folding stashes (stale ones are cleaned up)
         self.resume_state = None
         self.run_id = None
         checkpoint = ray.train.get_checkpoint()
@@ -106,7 +111,7 @@ class _StageWorker:
             tags = {"secvec.stage": self.spec.name, "secvec.stage_kind": self.spec.kind,
                     "secvec.stage_hash": ctx.stage_hash, "secvec.pipeline": ctx.pipeline}
             self.mlflow = StageRun(ctx.tracking_uri, ctx.experiment_id, f"{ctx.pipeline}/{self.spec.name}",
-                                   ctx.parent_run_id, tags, existing_run_id=self.run_id)
+                                   ctx.parent_run_id, tags, existing_run_id=self.run_id or ctx.run_id)
             self.run_id = self.mlflow.run_id
             if self.resume_state is None:
                 self.mlflow.log_params({"stage": ctx.stage, "base_model": ctx.base_source,
@@ -191,6 +196,8 @@ class _StageWorker:
                 except Exception:  # the original error matters more
                     logger.exception("could not mark the MLflow run as failed")
             raise
+        finally:
+            self._scratch.remove()  # checkpoints and the final output were already copied by ray.train.report
 
     def _load_base(self, *, full_weights: bool = False, dtype_setting: str | None = None):
         """(model, tokenizer, fingerprint): the base on this worker's device in the stage's ``training.dtype``.

@@ -2,7 +2,8 @@
 
 Ray Train v2 rejects Tune callbacks such as MLflowLoggerCallback (ray #64179), so rank 0 logs
 through ``MlflowClient`` directly. Every call retries with backoff for a bounded time, then fails with
-a message that names the tracking server.
+a message that names the tracking server. Creates are not blindly re-sent: a reply that timed out may still
+have created the run, so :func:`create_once` looks for it (by a token tag) before sending the create again.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import random
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -23,6 +25,7 @@ T = TypeVar("T")
 SECRET_WORDS = ("password", "passwd", "secret", "accesskey", "apikey", "privatekey", "credential")
 RETRY_ENV = "SECVEC_MLFLOW_RETRY_SECONDS"
 RETRY_SECONDS = 60.0
+CREATE_TOKEN_TAG = "secvec.create_token"  # unique per create call: finds a run whose create reply was lost
 _URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*):[^/\s]*@")
 _SECRET_QUERY = re.compile(r"(?i)(?P<key>[?&][^=&\s]*(?:password|secret|token|access_key|credential|signature)"
                            r"[^=&\s]*=)[^&\s]*")
@@ -65,9 +68,28 @@ def with_retries(fn: Callable[[], T], what: str, tracking_uri: str, budget_s: fl
                 f"MLflow at {redact(tracking_uri)} did not answer while trying to {what} for {budget:.0f}s "
                 f"({_describe(last)}); check the server and rerun the pipeline "
                 "(finished stages are reused)") from None
-        logger.warning("MLflow %s failed (%s); retrying in %.1fs", what, type(last).__name__, delay)
+        # INFO, not WARNING: the one-line error above is what a user needs; `secvec run --verbose` shows these
+        logger.info("MLflow %s failed (%s); retrying in %.1fs", what, type(last).__name__, delay)
         time.sleep(delay + random.uniform(0, delay / 4))
         delay = min(delay * 2, 8.0)
+
+
+def create_once(create: Callable[[], T], find_created: Callable[[], T | None], what: str, tracking_uri: str,
+                budget_s: float | None = None) -> T:
+    """Retry a non-idempotent create (a run, a model version) without duplicating it: before every re-send,
+    ``find_created`` looks for what an earlier attempt may have created although its reply was lost."""
+    attempts = 0
+
+    def attempt() -> T:
+        nonlocal attempts
+        if attempts:
+            found = find_created()
+            if found is not None:
+                return found
+        attempts += 1
+        return create()
+
+    return with_retries(attempt, what, tracking_uri, budget_s)
 
 
 def _describe(err: BaseException) -> str:
@@ -121,11 +143,17 @@ class StageRun:
             run = with_retries(lambda: self.client.get_run(existing_run_id), "reopen the run", tracking_uri)
             self.run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
             return
-        run_tags = {"mlflow.runName": run_name, **(tags or {})}
+        token = uuid.uuid4().hex
+        run_tags = {"mlflow.runName": run_name, **(tags or {}), CREATE_TOKEN_TAG: token}
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id
-        run = with_retries(lambda: self.client.create_run(experiment_id, tags=run_tags), "create a run",
-                           tracking_uri)
+
+        def find_created():
+            runs = self.client.search_runs([experiment_id], f"tags.`{CREATE_TOKEN_TAG}` = '{token}'", max_results=1)
+            return runs[0] if runs else None
+
+        run = create_once(lambda: self.client.create_run(experiment_id, tags=run_tags), find_created, "create a run",
+                          tracking_uri)
         self.run_id = run.info.run_id
         self.artifact_uri = run.info.artifact_uri
 
@@ -162,12 +190,26 @@ class StageRun:
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None) -> str:
+    """Create-or-get: two drivers starting together both end up with the one experiment of that name (the
+    loser of the race gets RESOURCE_ALREADY_EXISTS, or a database unique violation, and looks it up again)."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     configure_http_retries()
     client = MlflowClient(tracking_uri)
-    existing = with_retries(lambda: client.get_experiment_by_name(name), "look up the experiment", tracking_uri)
-    if existing is not None:
-        return existing.experiment_id
-    return with_retries(lambda: client.create_experiment(name, artifact_location=artifact_location),
-                        "create the experiment", tracking_uri)
+
+    def look_up() -> str | None:
+        existing = with_retries(lambda: client.get_experiment_by_name(name), "look up the experiment", tracking_uri)
+        return existing.experiment_id if existing is not None else None
+
+    found = look_up()
+    if found is not None:
+        return found
+    try:
+        return create_once(lambda: client.create_experiment(name, artifact_location=artifact_location), look_up,
+                           "create the experiment", tracking_uri)
+    except MlflowException:
+        found = look_up()  # created by a concurrent run between our look-up and our create
+        if found is None:
+            raise
+        return found
