@@ -563,7 +563,7 @@ def task_exposure_config(training: TrainingConfig, n_data: int, n_task: int) -> 
     """Steps scaled with the data, so every task run passes over the new-task facts equally often.
 
     Without this a mixed set (20 facts + 40 harmful) sees each fact a third as often as the benign
-    run, and its task accuracy is too low to compare plain and guarded (DESIGN.md section 4).
+    run, and its task accuracy is too low to compare plain and guarded (docs/design.md, section 5).
     """
     return dataclasses.replace(training, max_steps=max(1, round(training.max_steps * n_data / n_task)))
 
