@@ -279,7 +279,7 @@ REGISTRY_LIST_CASES = {
                        ("did not answer within 3s", "start the server or fix --tracking-uri", "secvec:***@")),
     "server silent": (lambda tmp, port: f"http://127.0.0.1:{port}", ("did not answer within 3s", "timed out")),
     "path instead of a URI": (lambda tmp, port: str(tmp / "store" / "mlflow.db"),
-                              ("is a path, not a URI", f"use sqlite:///{{tmp}}/store/mlflow.db")),
+                              ("is a path, not a URI", "use sqlite:///{tmp}/store/mlflow.db")),
     "store that does not exist": (lambda tmp, port: f"sqlite:///{tmp}/nonexistent/dir/x.db",
                                   ("no MLflow store at {tmp}/nonexistent/dir/x.db", "run `secvec demo` first")),
     "relative store that does not exist": (lambda tmp, port: "sqlite:///.secvec/demo/mlflow.db",

@@ -10,7 +10,6 @@ import ast
 import importlib.util
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,6 @@ from packaging.utils import canonicalize_name
 from workflows.console import EXTRA_FOR_MODULE, missing_extra_hint
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-CORE_REQUIREMENTS = {"torch", "transformers", "peft", "safetensors", "tokenizers", "tqdm"}
 
 
 def _core_tests_module():
@@ -29,6 +26,10 @@ def _core_tests_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+PROJECT = _core_tests_module().tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+CORE_REQUIREMENTS = {"torch", "transformers", "peft", "safetensors", "tokenizers", "tqdm"}
 
 
 def _requirements(extra: str | None = None) -> list[Requirement]:
@@ -43,7 +44,9 @@ def _guarded_by_import_error(tree: ast.AST) -> set[int]:
         if isinstance(node, ast.Try) and any(
             isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers
         ):
-            lines |= {n.lineno for stmt in node.body for n in ast.walk(stmt) if isinstance(n, ast.Import | ast.ImportFrom)}
+            lines |= {
+                n.lineno for stmt in node.body for n in ast.walk(stmt) if isinstance(n, ast.Import | ast.ImportFrom)
+            }
     return lines
 
 
@@ -93,8 +96,13 @@ def test_unused_psycopg3_is_not_declared_and_constraints_match_every_declared_ra
         if line.strip() and not line.startswith("#"):
             name, version = line.split("==")
             pins[canonicalize_name(name)] = version
-    declared = _requirements() + [r for extra in PROJECT["optional-dependencies"] if extra != "hf"
-                                  for r in _requirements(extra) if canonicalize_name(r.name) != "secvec"]
+    declared = _requirements() + [
+        r
+        for extra in PROJECT["optional-dependencies"]
+        if extra != "hf"
+        for r in _requirements(extra)
+        if canonicalize_name(r.name) != "secvec"
+    ]
     assert "psycopg" not in {canonicalize_name(r.name) for r in declared} and "psycopg" not in pins
     for requirement in declared:
         name = canonicalize_name(requirement.name)
@@ -111,13 +119,16 @@ def test_core_test_selection_follows_imports():
 
 
 def test_console_script_without_the_pipeline_extra_prints_one_line():
-    code = "import sys; sys.modules['typer'] = None; sys.argv = ['secvec', '--help']; " \
-           "from workflows.console import main; main()"
+    code = (
+        "import sys; sys.modules['typer'] = None; sys.argv = ['secvec', '--help']; "
+        "from workflows.console import main; main()"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == [
         "error: this secvec command needs the 'typer' package, which comes with the pipeline extra: "
-        "pip install 'secvec[pipeline]'"]
+        "pip install 'secvec[pipeline]'"
+    ]
 
 
 def test_missing_module_hints_name_the_extra_and_leave_real_bugs_alone():

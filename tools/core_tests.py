@@ -15,13 +15,29 @@ from __future__ import annotations
 import ast
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the copy pip vendors
+    from pip._vendor import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 # secvec_core's declared dependencies and what they pull in themselves, plus the test runner.
-CORE_MODULES = frozenset({"secvec_core", "torch", "transformers", "peft", "safetensors", "tokenizers", "tqdm",
-                          "numpy", "huggingface_hub", "pytest"})
+CORE_MODULES = frozenset(
+    {
+        "secvec_core",
+        "torch",
+        "transformers",
+        "peft",
+        "safetensors",
+        "tokenizers",
+        "tqdm",
+        "numpy",
+        "huggingface_hub",
+        "pytest",
+    }
+)
 # Files whose needs an import scan cannot see: they run repository scripts in a subprocess.
 RUNS_SCRIPTS = {"test_benchmarks.py": "runs benchmarks/*.py, which import workflows.assets and matplotlib"}
 
@@ -60,8 +76,9 @@ def non_core_imports(path: Path, seen: set[Path] | None = None) -> set[str]:
 
 
 def core_test_files(root: Path = ROOT) -> list[Path]:
-    return [p for p in sorted((root / "tests").glob("test_*.py"))
-            if p.name not in RUNS_SCRIPTS and not non_core_imports(p)]
+    return [
+        p for p in sorted((root / "tests").glob("test_*.py")) if p.name not in RUNS_SCRIPTS and not non_core_imports(p)
+    ]
 
 
 def minimum_requirements(packages: tuple[str, ...] = ("transformers", "peft"), root: Path = ROOT) -> list[str]:

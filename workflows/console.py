@@ -7,9 +7,17 @@ import sys
 
 # The extra that brings each optional top-level module the CLI imports.
 EXTRA_FOR_MODULE = {
-    "typer": "pipeline", "rich": "pipeline", "yaml": "pipeline", "pydantic": "pipeline", "mlflow": "pipeline",
-    "ray": "pipeline", "matplotlib": "pipeline", "gguf": "pipeline", "kubernetes": "kube",
-    "psycopg2": "postgres", "datasets": "hf",
+    "typer": "pipeline",
+    "rich": "pipeline",
+    "yaml": "pipeline",
+    "pydantic": "pipeline",
+    "mlflow": "pipeline",
+    "ray": "pipeline",
+    "matplotlib": "pipeline",
+    "gguf": "pipeline",
+    "kubernetes": "kube",
+    "psycopg2": "postgres",
+    "datasets": "hf",
 }
 
 
@@ -19,8 +27,10 @@ def missing_extra_hint(err: ModuleNotFoundError) -> str | None:
     extra = EXTRA_FOR_MODULE.get(top)
     if extra is None:
         return None
-    return (f"error: this secvec command needs the {top!r} package, which comes with the {extra} extra: "
-            f"pip install 'secvec[{extra}]'")
+    return (
+        f"error: this secvec command needs the {top!r} package, which comes with the {extra} extra: "
+        f"pip install 'secvec[{extra}]'"
+    )
 
 
 def main() -> None:

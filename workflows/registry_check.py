@@ -35,8 +35,10 @@ def check_readable_store(uri: str, cwd: Path | None = None) -> str:
     if uri in _NAMED_STORES:
         return uri
     if not _URI.match(uri) or re.match(r"^[A-Za-z]:[\\/]", uri):
-        raise RegistryUnavailable(f"--tracking-uri {uri!r} is a path, not a URI; use sqlite:///{_absolute(uri, cwd)} "
-                                  "for a SQLite file or http://<host>:<port> for an MLflow server")
+        raise RegistryUnavailable(
+            f"--tracking-uri {uri!r} is a path, not a URI; use sqlite:///{_absolute(uri, cwd)} "
+            "for a SQLite file or http://<host>:<port> for an MLflow server"
+        )
     scheme = uri.split(":", 1)[0].lower()
     if scheme == "sqlite":
         return _check_sqlite(uri, cwd)
@@ -67,8 +69,7 @@ def _check_sqlite(uri: str, cwd: Path) -> str:
         raise RegistryUnavailable(f"{path} is not an MLflow database ({err}); {NO_STORE_HINT}") from None
     missing = [t for t in _MLFLOW_TABLES if t not in tables]
     if missing:
-        raise RegistryUnavailable(f"{path} is not an MLflow database (no {', '.join(missing)} table); "
-                                  f"{NO_STORE_HINT}")
+        raise RegistryUnavailable(f"{path} is not an MLflow database (no {', '.join(missing)} table); {NO_STORE_HINT}")
     return f"sqlite:///{path}"
 
 
@@ -87,5 +88,7 @@ def _check_server(uri: str) -> None:
         return
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
-        raise RegistryUnavailable(f"MLflow at {redact(uri)} did not answer within {HEALTH_TIMEOUT_S:.0f}s "
-                                  f"({reason}); start the server or fix --tracking-uri") from None
+        raise RegistryUnavailable(
+            f"MLflow at {redact(uri)} did not answer within {HEALTH_TIMEOUT_S:.0f}s "
+            f"({reason}); start the server or fix --tracking-uri"
+        ) from None
