@@ -139,3 +139,14 @@ def test_missing_module_hints_name_the_extra_and_leave_real_bugs_alone():
 @pytest.mark.parametrize("command", ["make test", "make test-minimums"])
 def test_ci_runs_the_readme_test_command_and_the_minimum_versions(command):
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_spec_excerpt_is_lines_of_the_file_in_order():
+    """The README shows an excerpt of the demo spec; every line it shows must be in the file, in order."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    marker = "<!-- readme-excerpt: workflows/examples/demo.yaml"
+    block = readme.split(marker, 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    shown = [line for line in block.splitlines() if line.strip() and line.strip() != "# ..."]
+    remaining = iter((ROOT / "workflows" / "examples" / "demo.yaml").read_text(encoding="utf-8").splitlines())
+    missing = [line for line in shown if not any(line == candidate for candidate in remaining)]
+    assert not missing, f"README excerpt lines not in demo.yaml (in order): {missing}"
