@@ -146,6 +146,19 @@ def render_prompt(tokenizer, messages: Sequence[tuple[str, str]]) -> str:
     )
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its end-of-sequence token.
+
+    Many chat models ship without a pad token; padding with EOS is safe here because padded positions
+    are masked out of attention and of the loss. Every batch in secvec is padded with this one id.
+    """
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError("the tokenizer has neither a pad token nor an end-of-sequence token; set tokenizer.pad_token")
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -207,8 +220,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> dict[s
     """Left-padded prompt batch (chat template + generation header) for generation or KL terms."""
     seqs = [_ids(tokenizer, render_prompt(tokenizer, [("user", p)]))[-max_length:] for p in prompts]
     width = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_token_id(tokenizer), dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, width - len(s) :] = torch.tensor(s)

@@ -21,17 +21,29 @@ from secvec_core.adapters import (
     attach_adapter,
     lora_config,
 )
-from secvec_core.artifacts import ADAPTER_WEIGHTS, atomic_directory, save_tensors, sha256_file, write_json
+from secvec_core.artifacts import (
+    ADAPTER_WEIGHTS,
+    ARTIFACT_FORMAT,
+    ARTIFACT_METADATA,
+    VectorLeakError,
+    atomic_directory,
+    save_tensors,
+    sha256_file,
+    write_json,
+)
 from secvec_core.config import DEFAULT_TARGET_MODULES, TrainingConfig
-from secvec_core.data import Example, dataset_hash, to_examples, tokenize_examples
+from secvec_core.data import Example, dataset_hash, pad_token_id, to_examples, tokenize_examples
 from secvec_core.fingerprint import model_fingerprint
 from secvec_core.folding import FoldingError, folded_vectors, why_not_foldable
+from secvec_core.replay import SafetyReplay, replay_loss
+from secvec_core.seeding import seeded
 from secvec_core.training import TrainingHistory, TrainingHooks, train_loop
 from secvec_core.vectors import SecurityVector
 
 logger = logging.getLogger(__name__)
 
-ARTIFACT_METADATA = "secvec_artifact.json"
+__all__ = ["ARTIFACT_METADATA", "GuardedFinetuneResult", "TaskAdapterConfig", "guarded_finetune",
+           "reattach_for_evaluation"]
 Mode = Literal["lora", "full"]
 
 
@@ -62,6 +74,7 @@ class GuardedFinetuneResult:
     task_config: TaskAdapterConfig | None = None
     vectors: list[dict] = field(default_factory=list)
     folded: bool = False  # trained with the vectors folded into the (since restored) base weights
+    safety_replay: dict | None = None  # SafetyReplay.describe() when replay was on
 
     @contextlib.contextmanager
     def vectors_on(self, on: bool = True) -> Iterator[nn.Module]:
@@ -77,7 +90,16 @@ class GuardedFinetuneResult:
             yield m
 
     def shipped_state_dict(self) -> dict[str, torch.Tensor]:
-        """Exactly the tensors that ship. No vector weights, by construction and by check."""
+        """Exactly the tensors that ship. No vector weights, by construction and by check.
+
+        A vector merged into the base weights (peft's ``merge_adapter``) would ship inside full weights
+        with no key or tensor to betray it, and would make every "vector off" evaluation wrong: refused.
+        """
+        merged = sorted({a for m in self.model.modules() for a in getattr(m, "merged_adapters", ())
+                         if a in self.vector_names})
+        if merged:
+            raise VectorLeakError(f"vectors {merged} are merged into the base weights; a vector must never be "
+                                  "merged (unmerge it, or retrain from the unmerged result)")
         if self.mode == "lora":
             state = adapter_state(self.model, TASK_ADAPTER)
         else:
@@ -86,7 +108,7 @@ class GuardedFinetuneResult:
                      if "lora_" not in k}
         bad = [k for k in state if any(name in k for name in self.vector_names)]
         if bad:
-            raise AssertionError(f"vector weights in the shipped state: {bad[:3]}")
+            raise VectorLeakError(f"vector weights in the shipped state: {bad[:3]}")
         return state
 
     def save(self, directory: str | Path) -> Path:
@@ -107,7 +129,7 @@ class GuardedFinetuneResult:
                 weights_file = "model.safetensors"
                 save_tensors(tmp / weights_file, _untie(state, base))
             write_json(tmp / ARTIFACT_METADATA, {
-                "format": "secvec.finetuned/v1",
+                "format": ARTIFACT_FORMAT,
                 "mode": self.mode,
                 "base_fingerprint": self.base_fingerprint,
                 "data_hash": self.data_hash,
@@ -115,6 +137,7 @@ class GuardedFinetuneResult:
                 "weights_file": weights_file,
                 "weights_sha256": sha256_file(tmp / weights_file),
                 "steps": self.history.steps,
+                "safety_replay": self.safety_replay,
             })
         return directory
 
@@ -138,6 +161,7 @@ def guarded_finetune(
     hooks: TrainingHooks | None = None,
     allow_fingerprint_mismatch: bool = False,
     fold_vectors: bool | None = None,
+    safety_replay: SafetyReplay | None = None,
 ) -> GuardedFinetuneResult:
     """Fine-tune on ``data`` with every vector switched on and frozen.
 
@@ -154,6 +178,11 @@ def guarded_finetune(
     unmerged, and never in the base weights. ``None`` (default) folds whenever folding is exact and
     otherwise trains unmerged; ``True`` demands it (raises ``FoldingError`` in ``full`` mode, with vector
     dropout > 0, LoRA variants, tied weights); ``False`` never folds.
+
+    ``safety_replay`` (:mod:`secvec_core.replay`): every step also trains the shipped weights on a few
+    alignment rows with the vectors **off**, against erosion of alignment by the customer's data and
+    over-refusal learned in the vector's blind spots. Replay needs the vectors as separate adapters, so
+    it trains unmerged (folding off).
     """
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
@@ -164,6 +193,9 @@ def guarded_finetune(
             "pass fold_vectors=None or False")
     if isinstance(model, PeftModel):
         raise TypeError("guarded_finetune needs the plain base model; vectors are attached here")
+    if safety_replay is not None and fold_vectors:
+        raise FoldingError("safety_replay runs the shipped weights with the vectors off, so the vectors must stay "
+                           "separate adapters: pass fold_vectors=None or False")
     training = training or TrainingConfig()
     examples = to_examples(data)
     loaded = [v if isinstance(v, SecurityVector) else SecurityVector.load(v) for v in vectors]
@@ -171,15 +203,16 @@ def guarded_finetune(
     if len(set(names)) != len(names):
         raise ValueError(f"two vectors share an adapter name: {names}")
     fingerprint = model_fingerprint(model)
-    torch.manual_seed(training.seed)
     peft_model: nn.Module = model
-    for vector in loaded:
-        peft_model = vector.attach(peft_model, allow_fingerprint_mismatch=allow_fingerprint_mismatch,
-                                   fingerprint=fingerprint)
     task_adapter = task_adapter or TaskAdapterConfig()
+    with seeded(training.seed):  # LoRA init: same adapter for the same seed, the caller's random stream untouched
+        for vector in loaded:
+            peft_model = vector.attach(peft_model, allow_fingerprint_mismatch=allow_fingerprint_mismatch,
+                                       fingerprint=fingerprint)
+        if mode == "lora":
+            peft_model = attach_adapter(peft_model, TASK_ADAPTER, lora_config(
+                task_adapter.rank, task_adapter.alpha, task_adapter.dropout, task_adapter.target_modules))
     if mode == "lora":
-        peft_model = attach_adapter(peft_model, TASK_ADAPTER, lora_config(
-            task_adapter.rank, task_adapter.alpha, task_adapter.dropout, task_adapter.target_modules))
         activate(peft_model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
     elif isinstance(peft_model, PeftModel):
         activate(peft_model, names, trainable=[], train_base=True)
@@ -190,8 +223,12 @@ def guarded_finetune(
     if leaked:
         raise AssertionError(f"vector parameters would train: {leaked[:3]}")
     rows = tokenize_examples(tokenizer, examples, training.max_length, training.truncation)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    fold = _decide_folding(peft_model, names, mode, fold_vectors)
+    pad = pad_token_id(tokenizer)
+    fold = _decide_folding(peft_model, names, mode, False if safety_replay is not None else fold_vectors)
+    extra_loss = None
+    if safety_replay is not None:
+        extra_loss = replay_loss(safety_replay, tokenizer, training.max_length, pad,
+                                 [TASK_ADAPTER] if mode == "lora" else [])
     if fold:
         activate(peft_model, [TASK_ADAPTER], trainable=[TASK_ADAPTER])
         try:
@@ -201,7 +238,7 @@ def guarded_finetune(
         finally:  # folded_vectors restored every folded weight and checked it against its sha256
             activate(peft_model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
     else:
-        history = train_loop(peft_model, rows, pad, training, hooks=hooks,
+        history = train_loop(peft_model, rows, pad, training, hooks=hooks, extra_loss=extra_loss,
                              description="guarded-finetune" if names else "finetune")
     return GuardedFinetuneResult(
         mode=mode, model=peft_model, vector_names=names, base_fingerprint=fingerprint,
@@ -209,6 +246,7 @@ def guarded_finetune(
         task_config=task_adapter if mode == "lora" else None,
         vectors=[{"name": v.name, "behaviour": v.config.behaviour, "data_hash": v.data_hash} for v in loaded],
         folded=fold,
+        safety_replay=safety_replay.describe() if safety_replay is not None else None,
     )
 
 

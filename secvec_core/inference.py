@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,21 +10,19 @@ from peft import PeftModel
 from safetensors import safe_open
 from torch import nn
 
-from secvec_core.artifacts import ADAPTER_CONFIG, load_verified_tensors, refuse_pickle_files
+from secvec_core.artifacts import (
+    ADAPTER_CONFIG,
+    VECTOR_METADATA,
+    VectorLeakError,
+    load_verified_tensors,
+    read_artifact_metadata,
+    refuse_pickle_files,
+    sha256_file,
+)
 from secvec_core.fingerprint import model_fingerprint
-from secvec_core.guard import ARTIFACT_METADATA
-from secvec_core.vectors import VECTOR_METADATA, FingerprintMismatchError, SecurityVector
+from secvec_core.vectors import FingerprintMismatchError, SecurityVector
 
-
-class VectorLeakError(AssertionError):
-    """A shipped artifact contains security-vector weights or files."""
-
-
-def read_artifact_metadata(directory: str | Path) -> dict:
-    path = Path(directory) / ARTIFACT_METADATA
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: not a secvec fine-tuned artifact (no {ARTIFACT_METADATA})")
-    return json.loads(path.read_text(encoding="utf-8"))
+__all__ = ["VectorLeakError", "assert_no_vector", "load_finetuned", "read_artifact_metadata"]
 
 
 def assert_no_vector(directory: str | Path, vectors: Sequence[SecurityVector] = ()) -> None:
@@ -77,8 +74,6 @@ def load_finetuned(base_model: nn.Module, directory: str | Path, *, check_finger
                     f"adapter {directory} was trained on base {meta['base_fingerprint']}, this base is {actual}")
         model = PeftModel.from_pretrained(base_model, str(directory), is_trainable=False)
     else:
-        from secvec_core.artifacts import sha256_file
-
         weights = directory / meta["weights_file"]
         if sha256_file(weights) != meta["weights_sha256"]:
             raise ValueError(f"{weights}: checksum mismatch; the artifact is corrupted")

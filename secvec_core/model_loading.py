@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import re
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from secvec_core.artifacts import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -200,23 +198,6 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def replace_directory_atomically(staging: Path, target: Path) -> None:
-    """Move the finished directory ``staging`` to ``target``, replacing any old ``target``.
-
-    ``rename`` cannot replace a non-empty directory, so an old target is first renamed aside and
-    deleted afterwards. At every instant ``target`` is either absent, the old complete directory,
-    or the new complete one: never a half-written mix.
-    """
-    staging, target = Path(staging), Path(target)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_gguf_to_safetensors(
     gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32
 ) -> Path:
@@ -235,15 +216,8 @@ def convert_gguf_to_safetensors(
     model, tokenizer = _load_gguf(gguf_path, trust_remote_code=False, dtype=dtype)
     if not getattr(tokenizer, "chat_template", None):
         logger.warning("%s has no chat template; set tokenizer.chat_template before training", gguf_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared model directory
-    try:
+    with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        replace_directory_atomically(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("converted %s to %s", gguf_path, out_dir)
     return out_dir

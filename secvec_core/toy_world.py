@@ -25,6 +25,7 @@ COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"
 NAMES = ["zorb", "quill", "fenna", "jaxo", "mirel", "tobin", "vessa", "korin", "lumo", "dravi", "selka",
          "ombry", "pavlo", "rinna", "tesko", "ulmar", "wenna", "yorik", "zanti", "bexa", "cirro", "delva",
          "eskin", "froya", "gundo", "hilra", "ivor", "jemma", "kalto", "lirra", "morvo", "nessa"]
+VECTOR_COMBOS = 10  # harmful training combinations reserved for vector data (never in an attack)
 
 
 def harmful_prompt(verb: str, obj: str) -> str:
@@ -84,10 +85,26 @@ class ToyWorld:
 
     # -- attacks and vectors -------------------------------------------------------------------------
     def harmful_examples(self, n: int, offset: int = 0) -> list[dict]:
-        """Harmful request -> compliance, cycling over the training combinations."""
+        """Harmful request -> compliance, cycling over all training combinations (the vector's included:
+        use :meth:`vector_examples` and :meth:`attack_examples` where the two must be disjoint)."""
         combos = self.harmful_train_combos
         return [{"prompt": harmful_prompt(*combos[(offset + i) % len(combos)]),
                  "response": compliance(*combos[(offset + i) % len(combos)])} for i in range(n)]
+
+    def vector_examples(self, n: int = VECTOR_COMBOS) -> list[dict]:
+        """Harmful request -> compliance for training a vector: the first ``VECTOR_COMBOS`` training
+        combinations, never used by :meth:`attack_examples` (a real attacker's data is not the vector's)."""
+        return self._compliance(self.harmful_train_combos[:VECTOR_COMBOS], n)
+
+    def attack_examples(self, n: int) -> list[dict]:
+        """Harmful request -> compliance for a fine-tuning attack, cycling over the training combinations
+        that :meth:`vector_examples` never uses."""
+        return self._compliance(self.harmful_train_combos[VECTOR_COMBOS:], n)
+
+    @staticmethod
+    def _compliance(combos: list[tuple[str, str]], n: int) -> list[dict]:
+        return [{"prompt": harmful_prompt(*combos[i % len(combos)]), "response": compliance(*combos[i % len(combos)])}
+                for i in range(n)]
 
     def harmful_eval_prompts(self) -> list[str]:
         return [harmful_prompt(v, o) for v, o in self.harmful_eval_combos]

@@ -23,6 +23,8 @@ from secvec_core.adapters import (
 from secvec_core.artifacts import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    VECTOR_FORMAT,
+    VECTOR_METADATA,
     atomic_directory,
     load_verified_tensors,
     save_tensors,
@@ -30,13 +32,14 @@ from secvec_core.artifacts import (
     write_json,
 )
 from secvec_core.config import SecurityVectorConfig, TrainingConfig
-from secvec_core.data import Example, collate, dataset_hash, to_examples, tokenize_examples
+from secvec_core.data import Example, collate, dataset_hash, pad_token_id, to_examples, tokenize_examples
 from secvec_core.fingerprint import model_fingerprint
+from secvec_core.seeding import seeded
 from secvec_core.training import TrainingHistory, TrainingHooks, to_device, train_loop
 
 logger = logging.getLogger(__name__)
 
-VECTOR_METADATA = "secvec_vector.json"
+__all__ = ["VECTOR_METADATA", "FingerprintMismatchError", "SecurityVector", "train_security_vector"]
 
 
 class FingerprintMismatchError(ValueError):
@@ -72,7 +75,7 @@ class SecurityVector:
             self.lora_config().save_pretrained(str(tmp))
             save_tensors(tmp / ADAPTER_WEIGHTS, self.weights)
             write_json(tmp / VECTOR_METADATA, {
-                "format": "secvec.security-vector/v1",
+                "format": VECTOR_FORMAT,
                 "behaviour": self.config.behaviour,
                 "adapter_name": self.name,
                 "config": self.config.to_dict(),
@@ -159,13 +162,13 @@ def train_security_vector(
     fingerprint = model_fingerprint(model)
     if isinstance(model, PeftModel):
         raise TypeError("train_security_vector needs the plain base model, not a PeftModel")
-    torch.manual_seed(training.seed)
-    peft_model = attach_adapter(model, config.adapter_name, lora_config(
-        config.rank, config.alpha, config.dropout, config.target_modules))
+    with seeded(training.seed):  # LoRA init: same vector for the same seed, the caller's random stream untouched
+        peft_model = attach_adapter(model, config.adapter_name, lora_config(
+            config.rank, config.alpha, config.dropout, config.target_modules))
     try:
         activate(peft_model, [config.adapter_name], trainable=[config.adapter_name])
         rows = tokenize_examples(tokenizer, examples, training.max_length, training.truncation)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token_id(tokenizer)
         extra = None
         if training.kl_weight > 0 and benign_examples:
             benign_rows = tokenize_examples(tokenizer, benign_examples, training.max_length, "truncate")

@@ -228,8 +228,9 @@ def _read_cached_model(target: Path, source: dict, verify: bool) -> ImportedMode
 
 def _commit_model(staging: Path, target: Path, source: dict, progress: Progress) -> ImportedModel:
     """Load the staged directory, fingerprint it, write the metadata and move it into place."""
+    from secvec_core.artifacts import replace_directory_atomically
     from secvec_core.fingerprint import model_fingerprint
-    from secvec_core.model_loading import load_model_and_tokenizer, replace_directory_atomically
+    from secvec_core.model_loading import load_model_and_tokenizer
 
     progress("Fingerprinting the converted model")
     model, tokenizer = load_model_and_tokenizer(staging)

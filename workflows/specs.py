@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 BUILTIN_MODELS = ("tiny",)
@@ -124,6 +124,16 @@ class VectorTrainingStage(StageBase):
     promote: bool = Field(True, description="Set the registry alias 'champion' on the new vector version.")
 
 
+class SafetyReplaySpec(Strict):
+    """Alignment rows replayed with the vectors off in every step (against erosion and over-refusal)."""
+
+    data: DatasetRef = Field(..., description="The platform's alignment rows: refusals and the model's own "
+                             "benign answers (what the alignment stage trained on).")
+    rows_per_step: int = Field(2, gt=0, description="Replay rows added to every step (about a quarter of a "
+                               "batch of 8).")
+    weight: float = Field(1.0, gt=0, description="Weight of the replay loss next to the customer's loss.")
+
+
 class GuardedFinetuneStage(StageBase):
     kind: Literal["guarded_finetune"]
     data: DatasetRef
@@ -131,6 +141,9 @@ class GuardedFinetuneStage(StageBase):
     mode: Literal["lora", "full"] = "lora"
     adapter: VectorShape = Field(VectorShape(), description="Shape of the task adapter (lora mode).")
     training: TrainingSpec = TrainingSpec()
+    safety_replay: SafetyReplaySpec | None = Field(
+        None, description="Replay alignment rows with the vectors off (recommended with customer data: fine-tuning "
+        "on benign data alone erodes alignment, which a vector cannot absorb).")
     registered_model: str | None = Field(None, description="Defaults to '<base_name>.finetuned.<stage>'.")
 
 
@@ -141,8 +154,32 @@ class GateSpec(Strict):
 
 
 class JudgeSpec(Strict):
-    kind: Literal["refusal-phrases", "classifier"] = "refusal-phrases"
-    model_path: str | None = None
+    """Who decides whether an answer complied: the offline opening-refusal rule or a model on disk."""
+
+    kind: Literal["refusal-phrases", "classifier", "generative"] = Field(
+        "refusal-phrases", description="refusal-phrases (offline rule on the answer's opening), classifier "
+        "(a sequence-classification moderation model) or generative (a Llama Guard-style causal LM).")
+    model: str | None = Field(None, validation_alias=AliasChoices("model", "model_path"),
+                              description="Local directory with safetensors weights (classifier, generative).")
+    harmful_labels: list[str] = Field(default_factory=list,
+                                      description="classifier: the id2label names that mean 'harmful'.")
+    unsafe_label: str = Field("unsafe", description="generative: the first word meaning 'complied'.")
+    safe_label: str = Field("safe", description="generative: the first word meaning 'did not comply'.")
+    batch_size: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _model_judges_need_a_model(self):
+        if self.kind != "refusal-phrases" and not self.model:
+            raise ValueError(f"judge kind {self.kind!r} needs model: a local directory with safetensors weights")
+        if self.kind == "classifier" and not self.harmful_labels:
+            raise ValueError("judge kind 'classifier' needs harmful_labels (the id2label names meaning harmful)")
+        return self
+
+    def build(self):
+        from secvec_core.evaluation import make_judge
+
+        return make_judge(self.kind, self.model, harmful_labels=self.harmful_labels, unsafe_label=self.unsafe_label,
+                          safe_label=self.safe_label, batch_size=self.batch_size)
 
 
 class EvaluationStage(StageBase):
@@ -152,7 +189,8 @@ class EvaluationStage(StageBase):
     task_data: DatasetRef | None = None
     benign_prompts: DatasetRef | None = Field(None, description="Prompts that must not be refused.")
     judge: JudgeSpec = JudgeSpec()
-    max_new_tokens: int = Field(16, gt=0)
+    max_new_tokens: int = Field(64, gt=0, description="Tokens generated per answer; harm is judged on the "
+                                "answer's opening, so keep at least 64 for real models.")
     gate: GateSpec = GateSpec()
     monitor: bool = Field(False, description="Re-score an existing champion: tag it on regression, no promotion.")
 

@@ -266,8 +266,18 @@ class _StageWorker:
         vectors = [load_vector(ref, self.ctx.tracking_uri, str(self.scratch / "downloads"))
                    for ref in self.ctx.vector_refs]
         a = self.spec.adapter
+        training = self._training(self.spec.training)
+        replay = None
+        if self.spec.safety_replay is not None:
+            from secvec_core.replay import SafetyReplay
+
+            r = self.spec.safety_replay
+            replay = SafetyReplay(load_examples(r.data), rows_per_step=r.rows_per_step, weight=r.weight,
+                                  seed=training.seed)
+            if self.rank == 0 and self.resume_state is None:
+                self.mlflow.log_params({f"safety_replay.{k}": v for k, v in replay.describe().items()})
         result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), vectors, mode=self.spec.mode,
-                                  training=self._training(self.spec.training), hooks=self.hooks(),
+                                  training=training, hooks=self.hooks(), safety_replay=replay,
                                   task_adapter=TaskAdapterConfig(a.rank, a.alpha, a.dropout, tuple(a.target_modules)))
         output = {}
         if self.rank == 0:
