@@ -259,3 +259,84 @@ def test_property_thresholds_outside_the_unit_interval_give_one_line_naming_the_
         parse_spec(spec, "spec.yaml")
     message = str(err.value)
     assert "\n" not in message and f"stages.0.gate.{field_name}" in message and f"(got {value!r})" in message
+
+
+# `secvec registry list` is read-only: a bad --tracking-uri is one line naming the fix, found before MLflow is
+# opened (MLflow would create a missing SQLite file with its folders, or retry a silent server for a minute).
+@pytest.fixture
+def listener():
+    """A port that accepts connections and never answers (a hung server)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+REGISTRY_LIST_CASES = {
+    "server refuses": (lambda tmp, port: f"http://secvec:hunter2@127.0.0.1:{free_port()}",
+                       ("did not answer within 3s", "start the server or fix --tracking-uri", "secvec:***@")),
+    "server silent": (lambda tmp, port: f"http://127.0.0.1:{port}", ("did not answer within 3s", "timed out")),
+    "path instead of a URI": (lambda tmp, port: str(tmp / "store" / "mlflow.db"),
+                              ("is a path, not a URI", "use sqlite:///{tmp}/store/mlflow.db")),
+    "store that does not exist": (lambda tmp, port: f"sqlite:///{tmp}/nonexistent/dir/x.db",
+                                  ("no MLflow store at {tmp}/nonexistent/dir/x.db", "run `secvec demo` first")),
+    "relative store that does not exist": (lambda tmp, port: "sqlite:///.secvec/demo/mlflow.db",
+                                           ("no MLflow store at {tmp}/.secvec/demo/mlflow.db", "`secvec demo`")),
+    "file that is not an MLflow database": (lambda tmp, port: f"sqlite:///{tmp}/empty.db",
+                                            ("{tmp}/empty.db is not an MLflow database", "`secvec demo`")),
+}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY_LIST_CASES))
+def test_registry_list_bad_store_is_one_line_and_creates_nothing(name, tmp_path, listener, monkeypatch):
+    make_uri, expected = REGISTRY_LIST_CASES[name]
+    (tmp_path / "empty.db").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+
+    def no_mlflow(*args, **kwargs):
+        raise AssertionError("MLflow was opened before the store was checked")
+
+    monkeypatch.setattr("workflows.registry.Registry", no_mlflow)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(app, ["registry", "list", "--tracking-uri", make_uri(tmp_path, listener)])
+    assert result.exit_code == 1, (result.exception, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
+    for fragment in expected:
+        assert fragment.format(tmp=tmp_path) in errors[0], errors[0]
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "a read-only command wrote files"
+    assert (tmp_path / "empty.db").stat().st_size == 0
+
+
+def test_registry_list_shows_an_existing_store(files):
+    result = CliRunner().invoke(app, ["registry", "list", "--tracking-uri", files.tracking_uri, "--json"])
+    assert result.exit_code == 0, (result.exception, result.stderr)
+    assert [(row["name"], row["version"]) for row in json.loads(result.stdout)] == [("x", "1")]
+
+
+def test_printed_lines_are_not_wrapped_when_output_is_not_a_terminal(tmp_path):
+    spec = tmp_path / ("a-spec-file-name-long-enough-to-pass-eighty-columns-" * 2 + ".yaml")
+    spec.write_text(yaml.safe_dump({"name": "p", "base_model": {"source": "builtin:tiny"},
+                                    "tracking": {"base_name": "t"}, "stages": [{"name": "ft", "kind": "guarded_finetune",
+                                                "data": {"builtin": "toy-facts"}}]}))
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1 and str(spec) in result.stdout
+
+
+def test_hints_name_a_command_the_user_can_run(tmp_path, monkeypatch):
+    from workflows.cli import runnable
+
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "secvec").write_text("#!/bin/sh\n")
+    (bin_dir / "secvec").chmod(0o755)
+    monkeypatch.setattr("sys.executable", str(bin_dir / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert runnable("secvec") == ".venv/bin/secvec"  # after `make demo`, without activating the venv
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    assert runnable("secvec") == "secvec"  # `source .venv/bin/activate`

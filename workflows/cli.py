@@ -24,7 +24,8 @@ app = typer.Typer(
 )
 registry_app = typer.Typer(help="Inspect the MLflow registry: vectors, fine-tuned models, lineage.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
-console = Console()
+# soft_wrap: printed lines (commands to copy, URIs) are never broken at 80 columns when piped or logged.
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 
@@ -253,8 +254,23 @@ def demo(directory: Path = typer.Option(Path(".secvec/demo"), "--dir", help="Whe
     rows = _print_evaluations(result)
     chart = write_chart(rows, directory / "demo.png")
     console.print(f"chart: {chart}")
-    console.print(f"registry: [bold]secvec registry list --tracking-uri {result.tracking_uri}[/]")
-    console.print(f"MLflow UI: [bold]mlflow ui --backend-store-uri {result.tracking_uri}[/]")
+    console.print(f"registry: [bold]{runnable('secvec')} registry list --tracking-uri {result.tracking_uri}[/]")
+    console.print(f"MLflow UI: [bold]{runnable('mlflow')} ui --backend-store-uri {result.tracking_uri}[/]")
+
+
+def runnable(script: str) -> str:
+    """How to call ``script`` of this environment from the user's shell: its bare name when PATH finds this very
+    copy (an activated venv), else its path (``.venv/bin/secvec`` after ``make demo`` without activating)."""
+    import shutil
+
+    here = Path(sys.executable).parent / script
+    found = shutil.which(script)
+    if not here.exists() or (found and Path(found).resolve() == here.resolve()):
+        return script
+    try:
+        return str(here.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(here.absolute())
 
 
 @registry_app.command("list")
@@ -262,14 +278,23 @@ def registry_list(tracking_uri: str = typer.Option(os.environ.get("MLFLOW_TRACKI
                                                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)."),
                   as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Security vectors and fine-tuned models with their lineage, aliases and gate status."""
-    from workflows.pipeline import absolute_tracking_uri
-    from workflows.registry import Registry
+    from workflows.registry_check import RegistryUnavailable, check_readable_store
 
-    rows = Registry(absolute_tracking_uri(tracking_uri)).list_models()
+    try:
+        tracking_uri = check_readable_store(tracking_uri)
+    except RegistryUnavailable as err:
+        _fail(str(err), code=1)
+    from workflows.registry import Registry
+    from workflows.tracking import TrackingUnavailableError, redact
+
+    try:
+        rows = Registry(tracking_uri).list_models()
+    except TrackingUnavailableError as err:
+        _fail(str(err), code=1)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(title=f"secvec registry at {tracking_uri}")
+    table = Table(title=f"secvec registry at {redact(tracking_uri)}")
     for col in ("model", "kind", "version", "aliases", "lineage"):
         table.add_column(col, overflow="fold")
     for r in rows:
