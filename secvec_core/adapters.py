@@ -1,6 +1,6 @@
 """peft wiring: attach named LoRA adapters, activate several at once, and freeze exactly what must be frozen.
 
-Guards against peft's traps (DESIGN.md section 3): ``set_adapter([a, b])`` makes every listed adapter
+Guards against peft's traps (docs/design.md, "peft traps"): ``set_adapter([a, b])`` makes every listed adapter
 trainable again (peft #1374), so we activate in inference mode and then re-enable gradients only on
 the adapter we train.
 """

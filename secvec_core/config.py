@@ -63,7 +63,7 @@ class TrainingConfig:
     seed: int = field(default=0, metadata={"help": "Seed for init, shuffling and dropout."})
     grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm; 0 disables clipping."})
     log_every: int = field(default=5, metadata={"help": "Report metrics every N steps."})
-    # Vector-only strength controls (DESIGN.md "Vector strength matters").
+    # Vector-only strength controls (docs/design.md, "Vector strength").
     target_loss: float | None = field(
         default=0.15,
         metadata={"help": "Vector training stops once the behaviour loss (running mean) falls below this; "

@@ -1,4 +1,4 @@
-"""The peft invariants of DESIGN.md section 3, checked the TRL way: copy, train, compare."""
+"""The peft invariants of docs/design.md ("peft traps"), checked the TRL way: copy, train, compare."""
 
 from __future__ import annotations
 
