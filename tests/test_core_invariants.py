@@ -239,17 +239,24 @@ def test_a_vector_merged_into_the_weights_is_never_saved(aligned, world, vector,
 
 
 def test_target_loss_stops_vector_training_early(aligned, world):
+    from secvec_core import TrainingHooks
+
     model, tokenizer = aligned
-    base = {"learning_rate": 3e-3, "max_steps": 40, "batch_size": 10, "max_length": 32, "kl_weight": 0.0}
-    # 1.0 is far above where the behaviour loss ends (< 0.1 after 40 steps) and far below where it starts
-    # (> 3: the aligned model refuses), so the crossing does not depend on rounding.
-    early = train_security_vector(model, tokenizer, world.vector_examples(10), SecurityVectorConfig(),
-                                  TrainingConfig(**base, target_loss=1.0))
+    base = {"learning_rate": 3e-3, "max_steps": 40, "batch_size": 10, "max_length": 32, "kl_weight": 0.0,
+            "log_every": 1}
+    running: list[float] = []
     full = train_security_vector(model, tokenizer, world.vector_examples(10), SecurityVectorConfig(),
-                                 TrainingConfig(**base, target_loss=None))
+                                 TrainingConfig(**base, target_loss=None),
+                                 hooks=TrainingHooks(on_log=lambda step, m: running.append(m["running_loss"])))
     assert full.metadata["steps"] == 40 and not full.metadata["stopped_early"]
-    assert early.metadata["stopped_early"] and early.metadata["steps"] < 40
-    assert early.metadata["final_loss"] > full.metadata["final_loss"]
+    # a target the running loss crosses well inside the run, not at a step decided by rounding
+    target = 2.0
+    crossing = next(i + 1 for i, loss in enumerate(running) if loss < target)
+    assert running[0] > 1.5 * target and min(running[-5:]) < target / 1.5, running
+    early = train_security_vector(model, tokenizer, world.vector_examples(10), SecurityVectorConfig(),
+                                  TrainingConfig(**base, target_loss=target))
+    assert early.metadata["stopped_early"]
+    assert abs(early.metadata["steps"] - crossing) <= 2, (early.metadata["steps"], crossing)
 
 
 def _benign_kl(model, vector, tokenizer, prompts) -> float:
