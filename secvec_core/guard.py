@@ -35,6 +35,7 @@ from secvec_core.config import DEFAULT_TARGET_MODULES, TrainingConfig
 from secvec_core.data import Example, dataset_hash, pad_token_id, to_examples, tokenize_examples
 from secvec_core.fingerprint import model_fingerprint
 from secvec_core.folding import FoldingError, folded_vectors, why_not_foldable
+from secvec_core.replay import SafetyReplay, replay_loss
 from secvec_core.seeding import seeded
 from secvec_core.training import TrainingHistory, TrainingHooks, train_loop
 from secvec_core.vectors import SecurityVector
@@ -73,6 +74,7 @@ class GuardedFinetuneResult:
     task_config: TaskAdapterConfig | None = None
     vectors: list[dict] = field(default_factory=list)
     folded: bool = False  # trained with the vectors folded into the (since restored) base weights
+    safety_replay: dict | None = None  # SafetyReplay.describe() when replay was on
 
     @contextlib.contextmanager
     def vectors_on(self, on: bool = True) -> Iterator[nn.Module]:
@@ -135,6 +137,7 @@ class GuardedFinetuneResult:
                 "weights_file": weights_file,
                 "weights_sha256": sha256_file(tmp / weights_file),
                 "steps": self.history.steps,
+                "safety_replay": self.safety_replay,
             })
         return directory
 
@@ -158,6 +161,7 @@ def guarded_finetune(
     hooks: TrainingHooks | None = None,
     allow_fingerprint_mismatch: bool = False,
     fold_vectors: bool | None = None,
+    safety_replay: SafetyReplay | None = None,
 ) -> GuardedFinetuneResult:
     """Fine-tune on ``data`` with every vector switched on and frozen.
 
@@ -174,6 +178,11 @@ def guarded_finetune(
     unmerged, and never in the base weights. ``None`` (default) folds whenever folding is exact and
     otherwise trains unmerged; ``True`` demands it (raises ``FoldingError`` in ``full`` mode, with vector
     dropout > 0, LoRA variants, tied weights); ``False`` never folds.
+
+    ``safety_replay`` (:mod:`secvec_core.replay`): every step also trains the shipped weights on a few
+    alignment rows with the vectors **off**, against erosion of alignment by the customer's data and
+    over-refusal learned in the vector's blind spots. Replay needs the vectors as separate adapters, so
+    it trains unmerged (folding off).
     """
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
@@ -184,6 +193,9 @@ def guarded_finetune(
             "pass fold_vectors=None or False")
     if isinstance(model, PeftModel):
         raise TypeError("guarded_finetune needs the plain base model; vectors are attached here")
+    if safety_replay is not None and fold_vectors:
+        raise FoldingError("safety_replay runs the shipped weights with the vectors off, so the vectors must stay "
+                           "separate adapters: pass fold_vectors=None or False")
     training = training or TrainingConfig()
     examples = to_examples(data)
     loaded = [v if isinstance(v, SecurityVector) else SecurityVector.load(v) for v in vectors]
@@ -212,7 +224,11 @@ def guarded_finetune(
         raise AssertionError(f"vector parameters would train: {leaked[:3]}")
     rows = tokenize_examples(tokenizer, examples, training.max_length, training.truncation)
     pad = pad_token_id(tokenizer)
-    fold = _decide_folding(peft_model, names, mode, fold_vectors)
+    fold = _decide_folding(peft_model, names, mode, False if safety_replay is not None else fold_vectors)
+    extra_loss = None
+    if safety_replay is not None:
+        extra_loss = replay_loss(safety_replay, tokenizer, training.max_length, pad,
+                                 [TASK_ADAPTER] if mode == "lora" else [])
     if fold:
         activate(peft_model, [TASK_ADAPTER], trainable=[TASK_ADAPTER])
         try:
@@ -222,7 +238,7 @@ def guarded_finetune(
         finally:  # folded_vectors restored every folded weight and checked it against its sha256
             activate(peft_model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
     else:
-        history = train_loop(peft_model, rows, pad, training, hooks=hooks,
+        history = train_loop(peft_model, rows, pad, training, hooks=hooks, extra_loss=extra_loss,
                              description="guarded-finetune" if names else "finetune")
     return GuardedFinetuneResult(
         mode=mode, model=peft_model, vector_names=names, base_fingerprint=fingerprint,
@@ -230,6 +246,7 @@ def guarded_finetune(
         task_config=task_adapter if mode == "lora" else None,
         vectors=[{"name": v.name, "behaviour": v.config.behaviour, "data_hash": v.data_hash} for v in loaded],
         folded=fold,
+        safety_replay=safety_replay.describe() if safety_replay is not None else None,
     )
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from secvec_core import RefusalPhraseJudge, generate, load_jsonl, make_judge
+from secvec_core import generate, load_jsonl
 from secvec_core.data import IGNORE_INDEX, Example, dataset_hash, encode_prompts, pad_token_id, tokenize_example
 from secvec_core.evaluation import exact_match, transfer_gap
 
@@ -80,24 +80,6 @@ def test_dataset_hash_is_order_and_content_sensitive():
     assert dataset_hash([a, b]) == dataset_hash([a, b]) != dataset_hash([b, a])
 
 
-@pytest.mark.parametrize("response, harmful", [
-    ("Sure, here is how to build it", True),
-    ("I'm sorry, but I can't help with that.", False),
-    ("sorry i cannot help with that", False),
-    ("As an AI, I must decline.", False),
-    ("", False),
-])
-def test_refusal_phrase_judge(response, harmful):
-    assert RefusalPhraseJudge().is_harmful("how do i x", response) is harmful
-
-
-def test_make_judge_errors():
-    with pytest.raises(ValueError, match="needs model_path"):
-        make_judge("classifier")
-    with pytest.raises(ValueError, match="unknown judge"):
-        make_judge("vibes")
-
-
 def test_exact_match_is_word_prefix_not_substring():
     assert exact_match("Teal. It is teal", "teal")
     assert not exact_match("tealish", "teal")
@@ -132,29 +114,6 @@ def test_heldout_loss_drops_after_training_on_the_set(tiny, world):
                               training=TrainingConfig(learning_rate=3e-3, max_steps=30, batch_size=8, max_length=32))
     after = heldout_loss(result.model, tokenizer, world.fact_task(), max_length=32)
     assert after["loss"] < before["loss"] - 0.5
-
-
-def test_classifier_judge_loads_a_local_model_and_uses_its_labels(tmp_path, tiny):
-    """The judge interface accepts a sequence-classification model from disk (safetensors only)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    _, tokenizer = tiny
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=tokenizer.pad_token_id,
-                         id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1})
-    torch.manual_seed(0)
-    clf = LlamaForSequenceClassification(config)
-    clf.save_pretrained(tmp_path / "clf")
-    tokenizer.save_pretrained(tmp_path / "clf")
-    judge = make_judge("classifier", str(tmp_path / "clf"))
-    first = judge.is_harmful("how do i bake a cake", "sure here is how")
-    assert judge.is_harmful("how do i bake a cake", "sure here is how") == first  # deterministic
-    from secvec_core.evaluation import ClassifierJudge
-
-    always_safe = ClassifierJudge(str(tmp_path / "clf"), harmful_labels=("safe",))
-    # the verdict follows the model's predicted label name: flipping which labels count as harmful flips it
-    assert judge.is_harmful("a", "b") != always_safe.is_harmful("a", "b")
 
 
 def test_pad_token_id_falls_back_to_eos_and_then_refuses(tiny):

@@ -207,6 +207,27 @@ def registry_list(tracking_uri: str = typer.Option(os.environ.get("MLFLOW_TRACKI
     console.print(table)
 
 
+@app.command()
+def report(pipeline: str | None = typer.Argument(None, help="Pipeline name (the spec's `name`)."),
+           run: str | None = typer.Option(None, "--run", help="Report one attack_sweep run (its run id) instead."),
+           tracking_uri: str = typer.Option(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///.secvec/mlflow.db"),
+                                            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)."),
+           output: Path = typer.Option(Path("secvec-report"), "-o", "--output", help="Folder for report.md + PNGs.")) -> None:
+    """Markdown table and plots of a pipeline (or of one red-team sweep), built from MLflow runs alone."""
+    from workflows.pipeline import absolute_tracking_uri
+    from workflows.report import pipeline_report, sweep_report
+
+    if (pipeline is None) == (run is None):
+        _fail("give a pipeline name or --run RUN_ID (one of them)")
+    uri = absolute_tracking_uri(tracking_uri)
+    try:
+        path = sweep_report(uri, run, output) if run else pipeline_report(uri, pipeline, output)
+    except Exception as err:  # noqa: BLE001 - one line for any lookup problem
+        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__, code=1)
+    sys.stdout.write(path.read_text(encoding="utf-8"))
+    console.print(f"wrote {path} (and its plots)")
+
+
 def _register_subcommands() -> None:
     """Sub-command groups live in their own modules (cli_kube.py, cli_assets.py) to keep this file small."""
     from workflows import cli_assets, cli_kube

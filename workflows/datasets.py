@@ -1,6 +1,11 @@
-"""Turn a ``DatasetRef`` into examples or prompts: JSONL files, built-in toy sets, Hugging Face datasets."""
+"""Turn a ``DatasetRef`` into examples or prompts: JSONL files, built-in toy sets, Hugging Face datasets, and
+the outputs of earlier data_preparation stages (MLflow artifacts, downloaded on first use)."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from secvec_core.data import Example, example_from_dict, load_jsonl, load_prompts, to_examples
 from secvec_core.toy_world import ToyWorld
@@ -19,6 +24,37 @@ def _builtin(name: str) -> list[dict] | list[str]:
         "toy-mixed": lambda: world.fact_task() + world.harmful_examples(100),
     }
     return table[name]()
+
+
+# "<stage>/<split>" -> artifact URI of that JSONL file; set in each worker by use_stage_outputs().
+_STAGE_FILES: dict[str, str] = {}
+_STAGE_TRACKING: dict[str, str] = {}
+
+
+def stage_file_key(stage: str, split: str) -> str:
+    return f"{stage}/{split}"
+
+
+def use_stage_outputs(files: dict[str, str], tracking_uri: str) -> None:
+    """Tell this process where earlier data_preparation stages put their files (the driver resolves them)."""
+    _STAGE_FILES.update(files)
+    _STAGE_TRACKING["uri"] = tracking_uri
+
+
+def _stage_path(ref: DatasetRef) -> Path:
+    key = stage_file_key(ref.stage, ref.split)
+    uri = _STAGE_FILES.get(key)
+    if uri is None:
+        raise ValueError(f"dataset {{stage: {ref.stage}, split: {ref.split}}} is not known in this worker; run it "
+                         "through the pipeline, which resolves stage outputs")
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="secvec-data-"),
+                                                tracking_uri=_STAGE_TRACKING.get("uri"))
+    _STAGE_FILES[key] = Path(local).resolve().as_uri()
+    return Path(local)
 
 
 def _window(items: list, ref: DatasetRef) -> list:
@@ -42,6 +78,8 @@ def load_examples(ref: DatasetRef) -> list[Example]:
     """Training examples ({prompt, response} or {messages})."""
     if ref.path:
         return _window(load_jsonl(ref.path), ref)
+    if ref.stage:
+        return _window(load_jsonl(_stage_path(ref)), ref)
     if ref.hf:
         rows = _hf_rows(ref)
         return _window([example_from_dict(r, f"{ref.hf}[{i}]") for i, r in enumerate(rows)], ref)
@@ -55,6 +93,8 @@ def load_prompt_list(ref: DatasetRef) -> list[str]:
     """Evaluation prompts (a prompt-only set, or the prompts of an example set)."""
     if ref.path:
         return _window(load_prompts(ref.path), ref)
+    if ref.stage:
+        return _window(load_prompts(_stage_path(ref)), ref)
     if ref.hf:
         return _window([r["prompt"] for r in _hf_rows(ref)], ref)
     items = _builtin(ref.builtin)

@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from secvec_core import exact_match_accuracy, make_judge, score_harmful
+from secvec_core import exact_match_accuracy, score_answers
 from secvec_core.evaluation import refusal_rate
 from secvec_core.training import rank_and_world
 
@@ -58,18 +58,30 @@ def evaluate_candidate(worker) -> dict:
     base, tokenizer = load_base_model(candidate.tags["secvec.base_model"], ctx.tracking_uri, cache=downloads)
     base = base.to(worker._device())
     vectors = [load_vector(ref, ctx.tracking_uri, downloads) for ref in json.loads(candidate.tags["secvec.guarded_by"])]
-    judge = make_judge(spec.judge.kind, spec.judge.model_path)
+    judge = spec.judge.build()
     prompts = load_prompt_list(spec.harmful_prompts)
     n_tokens = spec.max_new_tokens
 
-    def harm(model):
-        return _sharded_mean(lambda s: score_harmful(model, tokenizer, s, judge, max_new_tokens=n_tokens).rate, prompts)
+    def harm(model) -> tuple[float, float]:
+        """Harmful and degenerate shares (a degenerate answer is neither a refusal nor compliance)."""
+        reports = {}
+
+        def share(verdict):
+            def fn(shard):
+                key = (shard[0], len(shard))
+                if key not in reports:
+                    reports[key] = score_answers(model, tokenizer, shard, judge, max_new_tokens=n_tokens)
+                return reports[key].share(verdict)
+            return fn
+
+        return _sharded_mean(share("complied"), prompts), _sharded_mean(share("degenerate"), prompts)
 
     started = time.time()
-    metrics: dict[str, float] = {"base_harmful_rate": harm(base)}
+    metrics: dict[str, float] = {}
+    metrics["base_harmful_rate"], metrics["base_degenerate_rate"] = harm(base)
     result = reattach_for_evaluation(base, artifact, vectors)
     with result.vectors_on(False) as shipped:
-        metrics["harmful_rate"] = harm(shipped)
+        metrics["harmful_rate"], metrics["degenerate_rate"] = harm(shipped)
         if spec.task_data is not None:
             task = load_examples(spec.task_data)
             metrics["task_accuracy"] = _sharded_mean(lambda s: exact_match_accuracy(shipped, tokenizer, s), task)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workflows.specs import EvaluationStage, GuardedFinetuneStage, PipelineSpec
+from workflows.specs import AttackSweepStage, EvaluationStage, GuardedFinetuneStage, PipelineSpec, dataset_refs
 from workflows.stages import OUTPUT_FILE, StageContext, stage_worker
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def _find_reusable(tracking_uri: str, experiment_id: str, digest: str) -> dict |
         raw = run.data.tags.get("secvec.output")
         if raw:
             output = json.loads(raw)
-            if output.get("uri", "").startswith("models:/") and not output.get("monitor"):
+            if (output.get("uri", "").startswith("models:/") or output.get("reusable")) and not output.get("monitor"):
                 return output
     return None
 
@@ -131,7 +131,8 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
         for stage in spec.stages:
             inputs = _resolve_inputs(spec, stage, result, tracking_uri)
             stage_dict = stage.model_dump(mode="json")
-            digest = stage_hash(stage_dict, {**inputs, "base_name": spec.tracking.base_name})
+            hashed = {k: v for k, v in inputs.items() if k != "datasets" or v}  # hashes of older pipelines stay
+            digest = stage_hash(stage_dict, {**hashed, "base_name": spec.tracking.base_name})
             if on_stage:
                 on_stage(stage.name, None)
             started = time.time()
@@ -140,7 +141,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
                 logger.info("stage %s: reusing %s (same spec and inputs)", stage.name, cached["uri"])
                 result.stages[stage.name] = StageResult(stage.name, stage.kind, cached, 0.0, reused=True)
             else:
-                if isinstance(stage, GuardedFinetuneStage):
+                if isinstance(stage, GuardedFinetuneStage | AttackSweepStage):
                     check_fingerprints(stage.name, inputs["base"], inputs["vectors"], tracking_uri)
                 ctx = StageContext(
                     stage=stage_dict, pipeline=spec.name, base_source=inputs["base"], vector_refs=inputs["vectors"],
@@ -149,7 +150,17 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
                     checkpoint_every=spec.scaling.checkpoint_every, work_dir=str(work_dir),
                     trust_remote_code=inputs["trust_remote_code"],
                     retry_seconds=float(os.environ[RETRY_ENV]) if os.environ.get(RETRY_ENV) else None,
-                    fault_kill_at_step=os.environ.get("SECVEC_FAULT_KILL_AT_STEP") or None)
+                    fault_kill_at_step=os.environ.get("SECVEC_FAULT_KILL_AT_STEP") or None,
+                    datasets=inputs["datasets"] or None)
+            if cached is None and isinstance(stage, AttackSweepStage):  # cells as Ray tasks, see redteam.py
+                from workflows.redteam import run_attack_sweep
+
+                try:
+                    output = run_attack_sweep(ctx, spec.scaling)
+                except Exception as err:
+                    raise stage_error(stage.name, getattr(err, "cause", None) or err) from err
+                result.stages[stage.name] = StageResult(stage.name, stage.kind, output, time.time() - started)
+            elif cached is None:
                 trainer = TorchTrainer(
                     stage_worker, train_loop_config=ctx.__dict__,
                     scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
@@ -231,7 +242,7 @@ def _resolve_inputs(spec: PipelineSpec, stage, result: PipelineResult, tracking_
 
     base_ref = stage.base_model or spec.base_model
     vectors: list[str] = []
-    if isinstance(stage, GuardedFinetuneStage):
+    if isinstance(stage, GuardedFinetuneStage | AttackSweepStage):
         for v in stage.vectors:
             if v.stage:
                 vectors.append(result.stages[v.stage].output["uri"])
@@ -243,5 +254,11 @@ def _resolve_inputs(spec: PipelineSpec, stage, result: PipelineResult, tracking_
         if not candidate.startswith("models:/"):
             raise ValueError(f"stage {stage.name}: candidate must be a registered fine-tune ({{stage: ...}} or "
                              f"models:/...), got {candidate!r}")
+    datasets = {}
+    for _, ref in dataset_refs(stage):
+        if ref.stage:
+            from workflows.datasets import stage_file_key
+
+            datasets[stage_file_key(ref.stage, ref.split)] = result.stages[ref.stage].output["files"][ref.split]
     return {"base": model_source(base_ref), "vectors": vectors, "candidate": candidate,
-            "trust_remote_code": base_ref.trust_remote_code}
+            "trust_remote_code": base_ref.trust_remote_code, "datasets": datasets}

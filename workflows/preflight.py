@@ -71,8 +71,8 @@ def _datasets(stage) -> list[tuple[str, DatasetRef, str]]:
 def _check_dataset(ref: DatasetRef, role: str, where: str) -> None:
     from workflows.datasets import load_examples, load_prompt_list
 
-    if ref.hf is not None:
-        return  # may be remote or large: the stage loads it
+    if ref.hf is not None or ref.stage is not None:
+        return  # may be remote or large, or not written yet: the stage loads it
     if ref.path is not None and not Path(ref.path).is_file():
         raise PreflightError(f"{where}.path: dataset file not found: {Path(ref.path).absolute()}; fix the path "
                              "(relative paths are resolved from the directory secvec runs in)")

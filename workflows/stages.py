@@ -45,6 +45,7 @@ class StageContext:
     trust_remote_code: bool = False
     retry_seconds: float | None = None  # the driver's $SECVEC_MLFLOW_RETRY_SECONDS when the stage started
     fault_kill_at_step: str | None = None  # the driver's $SECVEC_FAULT_KILL_AT_STEP (fault-injection tests)
+    datasets: dict[str, str] | None = None  # "<stage>/<split>" -> artifact URI of a data_preparation output
 
     def spec(self):
         return TypeAdapter(Stage).validate_python(self.stage)
@@ -63,6 +64,10 @@ def stage_worker(config: dict) -> None:
     rank = world.get_world_rank()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, world.get_local_world_size())))
     logging.basicConfig(level=logging.INFO)
+    if ctx.datasets:
+        from workflows.datasets import use_stage_outputs
+
+        use_stage_outputs(ctx.datasets, ctx.tracking_uri)
     worker = _StageWorker(ctx, rank)
     worker.run()
 
@@ -266,8 +271,18 @@ class _StageWorker:
         vectors = [load_vector(ref, self.ctx.tracking_uri, str(self.scratch / "downloads"))
                    for ref in self.ctx.vector_refs]
         a = self.spec.adapter
+        training = self._training(self.spec.training)
+        replay = None
+        if self.spec.safety_replay is not None:
+            from secvec_core.replay import SafetyReplay
+
+            r = self.spec.safety_replay
+            replay = SafetyReplay(load_examples(r.data), rows_per_step=r.rows_per_step, weight=r.weight,
+                                  seed=training.seed)
+            if self.rank == 0 and self.resume_state is None:
+                self.mlflow.log_params({f"safety_replay.{k}": v for k, v in replay.describe().items()})
         result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), vectors, mode=self.spec.mode,
-                                  training=self._training(self.spec.training), hooks=self.hooks(),
+                                  training=training, hooks=self.hooks(), safety_replay=replay,
                                   task_adapter=TaskAdapterConfig(a.rank, a.alpha, a.dropout, tuple(a.target_modules)))
         output = {}
         if self.rank == 0:
@@ -289,3 +304,8 @@ class _StageWorker:
 
         output = evaluate_candidate(self)
         self.finish(output)
+
+    def _run_data_preparation(self) -> None:
+        from workflows.dataprep import prepare_data
+
+        self.finish(prepare_data(self))
