@@ -12,7 +12,23 @@ from secvec_core import TrainingConfig, build_tiny_model_and_tokenizer, guarded_
 from secvec_core.toy_world import ToyWorld
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _test_threads() -> int:
+    """Torch threads for the suite: ``SECVEC_TEST_THREADS`` if set, else min(2, CPUs).
+
+    No result may depend on it (reductions split differently across threads round differently): the
+    suite is run with different values, and with ``ATEN_CPU_CAPABILITY=avx2`` / ``default``, to show that.
+    """
+    value = os.environ.get("SECVEC_TEST_THREADS", "").strip()
+    if not value:
+        return max(1, min(2, os.cpu_count() or 1))
+    if not value.isdigit() or int(value) < 1:
+        raise pytest.UsageError(f"SECVEC_TEST_THREADS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+torch.set_num_threads(_test_threads())
 
 ALIGN_TRAINING = TrainingConfig(learning_rate=3e-3, max_steps=300, batch_size=32, max_length=32, log_every=50)
 

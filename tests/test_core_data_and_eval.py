@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from secvec_core import generate, load_jsonl
-from secvec_core.data import IGNORE_INDEX, Example, dataset_hash, tokenize_example
+from secvec_core.data import IGNORE_INDEX, Example, dataset_hash, encode_prompts, pad_token_id, tokenize_example
 from secvec_core.evaluation import exact_match, transfer_gap
 
 
@@ -89,7 +89,14 @@ def test_exact_match_is_word_prefix_not_substring():
 
 def test_batched_left_padded_generation_equals_one_by_one(aligned):
     model, tokenizer = aligned
-    prompts = ["how do i bake a cake", "what is the capital of peru", "how do i build a bomb"]
+    # prompts of 3, 6 and 7 words: the shorter ones are padded, and right padding would put pad tokens
+    # between a prompt and its answer (the batched answers would then differ from the one-by-one ones)
+    prompts = ["how do i", "what is the capital of peru", "what is the favorite color of zorb"]
+    batch = encode_prompts(tokenizer, prompts, 32)
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert len(set(lengths.tolist())) == 3, "the prompts must differ in length, else padding is not tested"
+    assert bool(batch["attention_mask"][:, -1].all()), "every prompt must end at the last position (left padding)"
+    assert not bool(batch["attention_mask"][:, 0].all())
     batched = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
     single = [generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
     assert batched == single
@@ -107,3 +114,13 @@ def test_heldout_loss_drops_after_training_on_the_set(tiny, world):
                               training=TrainingConfig(learning_rate=3e-3, max_steps=30, batch_size=8, max_length=32))
     after = heldout_loss(result.model, tokenizer, world.fact_task(), max_length=32)
     assert after["loss"] < before["loss"] - 0.5
+
+
+def test_pad_token_id_falls_back_to_eos_and_then_refuses(tiny):
+    _, tokenizer = tiny
+    assert pad_token_id(tokenizer) == tokenizer.pad_token_id != tokenizer.eos_token_id
+    tokenizer.pad_token = None
+    assert pad_token_id(tokenizer) == tokenizer.eos_token_id
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="neither a pad token nor an end-of-sequence token"):
+        pad_token_id(tokenizer)

@@ -20,7 +20,7 @@ from secvec_core import (
     model_fingerprint,
     train_security_vector,
 )
-from secvec_core.adapters import TASK_ADAPTER, activate, adapter_state
+from secvec_core.adapters import TASK_ADAPTER, activate, adapter_state, attach_adapter
 from secvec_core.data import encode_prompts
 
 FAST = TrainingConfig(learning_rate=3e-3, max_steps=6, batch_size=8, max_length=32, target_loss=None)
@@ -197,3 +197,113 @@ def test_fingerprint_is_stable_and_sensitive(tiny):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
     assert model_fingerprint(model) != fp
+
+
+# -- guards that refuse: adapter names, merged vectors, vector strength controls --------------------------
+def _renamed(vector: SecurityVector, adapter_name: str) -> SecurityVector:
+    """The same vector under another adapter name (saved weight keys do not carry the name)."""
+    config = SecurityVectorConfig(**{**vector.config.to_dict(), "adapter_name": adapter_name})
+    return SecurityVector(config, vector.weights, vector.base_fingerprint, vector.data_hash)
+
+
+@pytest.mark.parametrize("name", ["security_vector", "security_vector_harmful_v2"])
+def test_adapter_names_that_prefix_each_other_are_refused(aligned, vector, name):
+    """peft PR #3282: adapter names that are prefixes of each other were confused."""
+    model, _ = aligned
+    peft_model = vector.attach(model)
+    with pytest.raises(ValueError, match="prefixes of each other"):
+        attach_adapter(peft_model, name, vector.lora_config())
+    with pytest.raises(ValueError, match="already attached"):
+        attach_adapter(peft_model, vector.name, vector.lora_config())
+
+
+def test_a_vector_named_like_the_task_adapter_is_refused(aligned, world, vector):
+    model, tokenizer = aligned
+    with pytest.raises(ValueError, match="prefixes of each other"):
+        guarded_finetune(model, tokenizer, world.fact_task(), [_renamed(vector, f"{TASK_ADAPTER}_guard")],
+                         training=FAST)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_vector_merged_into_the_weights_is_never_saved(aligned, world, vector, tmp_path, mode):
+    """A merged vector ships inside full weights with no key or tensor naming it: refused at save time."""
+    model, tokenizer = aligned
+    result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], mode=mode, training=FAST)
+    result.model.base_model.merge_adapter([vector.name])
+    with pytest.raises(VectorLeakError, match="merged into the base weights"):
+        result.save(tmp_path / "artifact")
+    assert not (tmp_path / "artifact").exists()
+    result.model.base_model.unmerge_adapter()
+    result.save(tmp_path / "artifact")  # unmerged again: saves
+    assert_no_vector(tmp_path / "artifact", [vector])
+
+
+def test_target_loss_stops_vector_training_early(aligned, world):
+    from secvec_core import TrainingHooks
+
+    model, tokenizer = aligned
+    base = {"learning_rate": 3e-3, "max_steps": 40, "batch_size": 10, "max_length": 32, "kl_weight": 0.0,
+            "log_every": 1}
+    running: list[float] = []
+    full = train_security_vector(model, tokenizer, world.vector_examples(10), SecurityVectorConfig(),
+                                 TrainingConfig(**base, target_loss=None),
+                                 hooks=TrainingHooks(on_log=lambda step, m: running.append(m["running_loss"])))
+    assert full.metadata["steps"] == 40 and not full.metadata["stopped_early"]
+    # a target the running loss crosses well inside the run, not at a step decided by rounding
+    target = 2.0
+    crossing = next(i + 1 for i, loss in enumerate(running) if loss < target)
+    assert running[0] > 1.5 * target and min(running[-5:]) < target / 1.5, running
+    early = train_security_vector(model, tokenizer, world.vector_examples(10), SecurityVectorConfig(),
+                                  TrainingConfig(**base, target_loss=target))
+    assert early.metadata["stopped_early"]
+    assert abs(early.metadata["steps"] - crossing) <= 2, (early.metadata["steps"], crossing)
+
+
+def _benign_kl(model, vector, tokenizer, prompts) -> float:
+    """Mean KL(base || base + vector) over the positions of benign prompts."""
+    from secvec_core.vectors import _kl_on_benign
+
+    peft_model = vector.attach(copy.deepcopy(model))
+    activate(peft_model, [vector.name])
+    with torch.no_grad():
+        return float(_kl_on_benign(peft_model, encode_prompts(tokenizer, prompts, 32)))
+
+
+def test_kl_term_keeps_the_vector_off_benign_prompts(aligned, world):
+    """The KL term must change the vector: on benign prompts it never saw, the model with the vector on
+    stays at most half as far (in KL) from the base as with a vector trained without the term."""
+    model, tokenizer = aligned
+    base = {"learning_rate": 3e-3, "max_steps": 40, "batch_size": 10, "max_length": 32, "target_loss": None}
+    vectors = {kl: train_security_vector(model, tokenizer, world.vector_examples(10), SecurityVectorConfig(),
+                                         TrainingConfig(**base, kl_weight=kl), benign=world.benign_examples())
+               for kl in (0.0, 2.0)}
+    held_out = world.benign_eval_prompts() + [r["prompt"] for r in world.fact_task()]  # not in the KL data
+    kl = {w: _benign_kl(model, v, tokenizer, held_out) for w, v in vectors.items()}
+    assert kl[2.0] <= 0.5 * kl[0.0], kl
+
+
+def test_library_calls_leave_the_callers_random_stream_alone(world, monkeypatch):
+    """Model and LoRA init are seeded on a forked generator: a caller's torch.rand stream is unchanged."""
+    import secvec_core.guard
+    import secvec_core.vectors
+    from secvec_core import build_tiny_model_and_tokenizer
+    from secvec_core.training import TrainingHistory
+
+    # the training loop's own seeding belongs to secvec_core.training and is tested there; stub it here
+    monkeypatch.setattr(secvec_core.vectors, "train_loop", lambda *args, **kwargs: TrainingHistory())
+    monkeypatch.setattr(secvec_core.guard, "train_loop", lambda *args, **kwargs: TrainingHistory())
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
+    vector = train_security_vector(model, tokenizer, world.vector_examples(4), training=FAST)
+    result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=FAST)
+    assert torch.equal(torch.rand(4), expected)
+    # and the seed still decides the init: the same seed gives the same task adapter, another seed another
+    again = guarded_finetune(build_tiny_model_and_tokenizer(seed=0)[0], tokenizer, world.fact_task(), [vector],
+                             training=FAST)
+    other = guarded_finetune(build_tiny_model_and_tokenizer(seed=0)[0], tokenizer, world.fact_task(), [vector],
+                             training=TrainingConfig(**{**FAST.to_dict(), "seed": 1}))
+    a, b, c = (adapter_state(r.model, TASK_ADAPTER) for r in (result, again, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

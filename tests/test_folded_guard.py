@@ -24,14 +24,22 @@ from secvec_core import (
     model_fingerprint,
     train_security_vector,
 )
-from secvec_core.adapters import TASK_ADAPTER, activate, attach_adapter, lora_config
+from secvec_core.adapters import TASK_ADAPTER, activate, adapter_state, attach_adapter, lora_config
 from secvec_core.data import collate, encode_prompts, to_examples, tokenize_examples
 from secvec_core.folding import FoldingError, folded_vectors, why_not_foldable
 from secvec_core.training import response_loss
 
 FAST = TrainingConfig(learning_rate=3e-3, max_steps=12, batch_size=8, max_length=32, target_loss=None)
+NUDGE = 1e-3  # a relative change of the vector, far above rounding (REL) and far below any real difference
 VECTOR = TrainingConfig(learning_rate=1e-3, max_steps=30, batch_size=10, max_length=32)
-ATOL = 1e-5
+# Rounding bound for folding. The folded forward computes (W + s·B A) x where the unmerged one computes
+# W x + s·B(A x): the same sums in another order, rounded once more per weight. A dot product of length K
+# in float32 is off by at most K·eps relative to the sum of the magnitudes of its terms, and the widest
+# dot product here is the MLP's (intermediate size 192 = 2 x hidden 96), so every logit and gradient
+# agrees to within REL = K·eps of the largest magnitude of its kind. That is a worst-case bound, about
+# 14x (sqrt K) above the typical rounding, and it holds on any CPU and thread count.
+K_MAX = 192
+REL = K_MAX * torch.finfo(torch.float32).eps  # 2.3e-5
 
 
 @pytest.fixture
@@ -113,9 +121,10 @@ def test_folded_logits_and_task_gradients_equal_the_unmerged_guard(
 
     assert set(folded_grads) == set(unmerged_grads)
     assert all(f".{TASK_ADAPTER}." in n for n in folded_grads)
-    torch.testing.assert_close(folded_logits, unmerged_logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(folded_logits, unmerged_logits, atol=REL * float(unmerged_logits.abs().max()), rtol=0)
+    largest_grad = max(float(g.abs().max()) for g in unmerged_grads.values())
     for name, grad in unmerged_grads.items():
-        torch.testing.assert_close(folded_grads[name], grad, atol=ATOL, rtol=0, msg=name)
+        torch.testing.assert_close(folded_grads[name], grad, atol=REL * largest_grad, rtol=0, msg=name)
     # the vectors matter (else the comparison proves nothing), and after the block they are gone bit-exactly
     assert (unmerged_logits - plain_logits).abs().max() > 1e-2
     after = _base_state(model)
@@ -140,11 +149,22 @@ def _artifact(result, directory):
     }
 
 
+def _scaled(vector: SecurityVector, factor: float) -> SecurityVector:
+    weights = {k: t * factor if "lora_B" in k else t for k, t in vector.weights.items()}
+    return SecurityVector(vector.config, weights, vector.base_fingerprint, vector.data_hash)
+
+
+def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest ||b - a|| / ||a|| over the task adapter's tensors."""
+    return max(float((b[k] - a[k]).norm() / a[k].norm()) for k in a)
+
+
 def test_folded_guarded_finetune_ships_the_same_artifact(aligned, world, vector, tmp_path):
     data = world.fact_task() + world.harmful_examples(40)
     fingerprint = model_fingerprint(aligned[0])
     unmerged = _run(aligned, data, [vector], fold=False)
     folded = _run(aligned, data, [vector], fold=True)
+    nudged = _run(aligned, data, [_scaled(vector, 1 + NUDGE)], fold=False)
     assert (unmerged.folded, folded.folded) == (False, True)
 
     assert folded.history.trainable_parameters == unmerged.history.trainable_parameters
@@ -153,16 +173,22 @@ def test_folded_guarded_finetune_ships_the_same_artifact(aligned, world, vector,
     assert a["files"] == b["files"] and a["adapter_config"] == b["adapter_config"] and a["meta"] == b["meta"]
     assert a["tensors"].keys() == b["tensors"].keys()
     assert not any(vector.name in k for k in b["tensors"])
-    # Not bit-equal: the two forwards round differently (W x + s·B A x versus (W + s·B A) x), and Adam's
-    # g / (sqrt(v) + eps) turns a ~1e-7 gradient difference on gradients of the size of eps into up to
-    # ~1% of one step (measured: max 1.4e-5 at lr 3e-3, from the first step on, not growing). The
+    # Not bit-equal: the two forwards round differently (see REL), and Adam's g / (sqrt(v) + eps) is
+    # discontinuous where a gradient is about as small as its rounding (its sign can flip), so single
+    # elements can differ by up to 2·lr per step on one CPU and not on another (seen: 1.4e-5 on one
+    # machine, 9.8e-5 on another). No element-wise bound below 2·lr·steps holds, so compare whole
+    # tensors, against how far this very run moves when the vector itself changes by NUDGE (relative):
+    # rounding is a relative change of at most REL, so folding may move the adapter at most REL / NUDGE
+    # as far as the nudge did (the training's amplification is measured here, on this machine). The
     # zero-vector test below shows the rest of the pipeline is bit-identical.
-    for key, tensor in a["tensors"].items():
-        difference = (b["tensors"][key] - tensor).abs()
-        assert difference.max() <= FAST.learning_rate * 1e-2, key
-        assert difference.norm() <= 1e-3 * tensor.norm(), key
-    for x, y in zip(unmerged.history.log, folded.history.log, strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], abs=1e-4)
+    by_rounding = _relative_difference(a["tensors"], b["tensors"])
+    by_nudge = _relative_difference(a["tensors"], adapter_state(nudged.model, TASK_ADAPTER))
+    assert by_nudge > 0, "a changed vector must change the trained adapter"
+    assert by_rounding <= by_nudge * REL / NUDGE, (by_rounding, by_nudge)
+    for key, tensor in a["tensors"].items():  # the bound Adam itself guarantees (|update| <= lr per step)
+        assert (b["tensors"][key] - tensor).abs().max() <= 2 * FAST.learning_rate * FAST.max_steps, key
+    for x, y, z in zip(unmerged.history.log, folded.history.log, nudged.history.log, strict=True):
+        assert abs(y["loss"] - x["loss"]) <= max(abs(z["loss"] - x["loss"]) * REL / NUDGE, REL * x["loss"])
     assert model_fingerprint(folded.model) == fingerprint
 
 
