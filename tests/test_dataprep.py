@@ -206,7 +206,8 @@ def test_benchmark_spec_renders_to_a_rayjob_changing_only_tracking_and_data_path
     assert "tracking.tracking_uri" in changed and after["tracking.tracking_uri"] == "http://secvec-mlflow:5000"
     for key in changed - {"tracking.tracking_uri"}:
         assert str(after[key]).startswith("/data/") and str(before[key]).startswith((".secvec/", LOCAL_DATA)), key
-    rayjob = kube.render_rayjob(cluster_text, name="sweep", mlflow_tracking_uri="http://secvec-mlflow:5000")
+    rayjob = kube.render_rayjob(cluster_text, name="sweep", mlflow_tracking_uri="http://secvec-mlflow:5000",
+                                image="registry.example.com/secvec:0.1.0-gpu", data_claim="secvec-data")
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     (init,) = head["initContainers"]
     assert init["env"] == [{"name": "SECVEC_PIPELINE_YAML", "value": cluster_text}]
