@@ -29,7 +29,8 @@ def _core_tests_module():
 
 
 PROJECT = _core_tests_module().tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-CORE_REQUIREMENTS = {"torch", "transformers", "peft", "safetensors", "tokenizers", "tqdm"}
+# filelock: the folding stash locks (torch itself depends on it, so it adds nothing to the install)
+CORE_REQUIREMENTS = {"torch", "transformers", "peft", "safetensors", "tokenizers", "tqdm", "filelock"}
 
 
 def _requirements(extra: str | None = None) -> list[Requirement]:
