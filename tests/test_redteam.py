@@ -61,8 +61,10 @@ def test_sweep_logs_a_child_run_per_cell_the_worst_cell_and_a_heatmap(pipeline):
     out = result.stages["red-team"].output
     cells = _cells(result.tracking_uri, out["run_id"])
     assert len(cells) == 4 and {c["learning_rate"] for c in cells} == {3e-4, 3e-3}
-    worst = max(cells, key=lambda c: (c["guarded_harmful_rate"], c["plain_harmful_rate"]))
-    assert out["worst_cell"] == worst["label"]
+    key = max((c["guarded_harmful_rate"], c["plain_harmful_rate"]) for c in cells)
+    tied = [c for c in cells if (c["guarded_harmful_rate"], c["plain_harmful_rate"]) == key]
+    assert out["worst_cell"] in {c["label"] for c in tied}  # any of the cells tied for worst
+    worst = next(c for c in tied if c["label"] == out["worst_cell"])
     assert out["metrics"]["worst_guarded_harmful_rate"] == worst["guarded_harmful_rate"]
     assert out["metrics"]["worst_cell_plain_harmful_rate"] == worst["plain_harmful_rate"]
     assert out["metrics"]["max_plain_harmful_rate"] >= 0.5, "the strongest attack must break the aligned model"
