@@ -5,7 +5,10 @@ downloaded), a frozen random security vector and a task adapter are attached (``
 with the vector on (``full``), and a few steps run at the case's batch and length. Measured: on CUDA
 ``torch.cuda.max_memory_allocated``; on the CPU the growth of peak RSS over the RSS before the model was
 built (the Python runtime and libraries are not part of the estimate), with glibc told to return large
-blocks at once (``MALLOC_MMAP_THRESHOLD_``) so that the RSS follows the memory in use. The estimate is ``secvec plan``'s
+blocks at once (``MALLOC_MMAP_THRESHOLD_``) so that the RSS follows the memory in use. The case runs twice
+and only the second run is measured (the peak is reset in between through ``/proc/self/clear_refs``): the
+first run pages in the kernels' machine code and the runtime's one-off buffers, which differ between CPUs
+(AVX-512 or not) and are no part of what the model needs. The estimate is ``secvec plan``'s
 own per-worker total for an equivalent one-stage spec.
 
     nice -n 19 python benchmarks/plan_check.py --quick            # tiny model only
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -64,8 +66,31 @@ def _config(model: str):
     return LlamaConfig(**(CONFIGS.get(model) or KNOWN_CONFIGS[model]))
 
 
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # Linux >= 4.0: resets VmHWM to the current RSS
+
+
 def measure(case: str, device: str, steps: int = 2) -> dict:
-    """Run one case in this process and return the measured peak (bytes above the starting point)."""
+    """Run one case in this process and return the measured peak (bytes above the starting point), after a
+    warm-up run of the same case whose one-off costs (code pages, runtime buffers) are not measured."""
+    import gc
+
+    _run_case(case, device, steps)
+    gc.collect()
+    if device == "cpu":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the warm-up's freed heap back, so it is not reused unseen
+    return _run_case(case, device, steps)
+
+
+def _run_case(case: str, device: str, steps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -89,6 +114,7 @@ def measure(case: str, device: str, steps: int = 2) -> dict:
         start = torch.cuda.memory_allocated()
     else:
         start = _rss_bytes()
+        _reset_peak_rss()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     vector = lora_config(8, 16, 0.0, DEFAULT_TARGET_MODULES)
@@ -106,7 +132,7 @@ def measure(case: str, device: str, steps: int = 2) -> dict:
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - start
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
+        peak = _peak_rss_bytes() - start
     return {"case": case, "measured_bytes": peak}
 
 

@@ -127,9 +127,11 @@ def test_unknown_models_are_not_checked_but_said(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["tiny-lora", "tiny-full"])
+@pytest.mark.parametrize("case", ["llama-60m-lora", "llama-60m-full"])
 def test_estimate_is_within_15_percent_of_the_measured_peak(case):
-    """benchmarks/plan_check.py measures the step in a fresh process (peak RSS growth; see its docstring)."""
+    """benchmarks/plan_check.py measures the step in a fresh process (peak RSS growth after a warm-up run; see
+    its docstring). A 60M Llama, not the tiny model: the tiny model's whole step is a few MB, below the
+    estimate's fixed 16 MB runtime term and the CPU-dependent one-off costs, so it could not test the plan."""
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_check.py"), "--cases", case],
                           capture_output=True, text=True, check=True, timeout=600, cwd=ROOT)
     ratio = float(done.stdout.strip().splitlines()[-1].split()[-1])

@@ -37,8 +37,9 @@ GB = 1e9
 # What the CUDA context, NCCL buffers and allocator fragmentation take on a GPU beyond the estimate.
 GPU_RESERVE_BYTES = 2.0 * GB
 GPU_RESERVE_FRACTION = 0.05
-# On a CPU: what torch, peft and the thread pools take at the first training step beyond the tensors
-# (measured with benchmarks/plan_check.py on the tiny model: 16 MB).
+# On a CPU: what torch, peft and the thread pools take once, at the first training step, beyond the tensors
+# (kernels' code paged in, runtime buffers): 16-27 MB on the tiny model depending on the CPU. plan_check.py
+# measures after a warm-up run, so this term is the part of its estimate the measurement leaves out.
 CPU_RUNTIME_BYTES = 16e6
 
 # Configs of well-known models, so their plans need no download (Llama-2 7B: arXiv 2307.09288).
