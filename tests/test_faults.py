@@ -209,9 +209,6 @@ def _uninterrupted_adapter(world, vector_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="KNOWN REGRESSION, open: after merging DDP training (issue 12) with stage "
-                   "claims (issue 15) the restarted worker group no longer records secvec.resumed_from_step on the "
-                   "claimed run; seen once at the end of the session, not yet diagnosed")
 def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(fault_runs, world, record_property):
     root, uri = fault_runs["root"], fault_runs["uri"]
     markers = list((root / "work" / "faults").glob("killed-*"))

@@ -160,10 +160,36 @@ class _StageWorker:
         marker = Path(self.ctx.work_dir) / "faults" / f"killed-{self.ctx.stage_hash.removeprefix('sha256:')[:16]}"
         if marker.exists():
             return
+        self._wait_for_registered_checkpoint()
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"killed rank {self.rank} of stage {self.spec.name} at step {step}\n")
         logger.warning("fault injection: killing worker rank %d at step %d", self.rank, step)
         os._exit(1)
+
+    @staticmethod
+    def _wait_for_registered_checkpoint(timeout_s: float = 60.0) -> None:
+        """Ray Train's controller collects a reported checkpoint when it next polls the workers (every 2 s);
+        a worker that dies milliseconds after reporting takes the unpolled report with it and the group
+        restarts from the checkpoint before. A real failure comes minutes after the last checkpoint, so the
+        injected one waits until the controller has recorded a checkpoint (its snapshot file lists one)."""
+        import time
+
+        import ray.train
+
+        try:
+            snapshot = Path(ray.train.get_context().get_storage().checkpoint_manager_snapshot_path)
+        except Exception:  # noqa: BLE001 - another storage layout: fall back to outlasting a few polls
+            time.sleep(8.0)
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        logger.warning("fault injection: no registered checkpoint after %.0f s; killing anyway", timeout_s)
 
     def finish(self, output: dict, artifact_dir: Path | None = None) -> None:
         """Report the final result; rank 0 attaches the output record (and artifact) as a checkpoint."""
