@@ -464,11 +464,12 @@ def test_no_secret_data_in_plain_values(tools: Path) -> None:
                             assert "value" not in env, f"{values.name}: {where} {env['name']} is a literal"
         secrets = [o for o in objects if o["kind"] == "Secret"]
         assert {s["metadata"]["name"] for s in secrets} <= {
-            f"{RELEASE}-secvec-postgresql", f"{RELEASE}-secvec-mlflow-flask"
+            f"{RELEASE}-secvec-postgresql", f"{RELEASE}-secvec-mlflow-flask", f"{RELEASE}-secvec-mlflow-admin"
         }  # fmt: skip
     # The only Secret data the chart writes is random (randAlphaNum), never taken from values.
-    first = find(render("postgresql.auth.username=first"), "Secret")["data"]["password"]
-    second = find(render("postgresql.auth.username=second"), "Secret")["data"]["password"]
+    postgresql = f"{RELEASE}-secvec-postgresql"
+    first = find(render("postgresql.auth.username=first"), "Secret", postgresql)["data"]["password"]
+    second = find(render("postgresql.auth.username=second"), "Secret", postgresql)["data"]["password"]
     assert first != second
 
 
@@ -936,3 +937,114 @@ def test_mlflow_waits_for_the_database_and_restarts_on_config_changes(tools: Pat
 def test_scheduled_submitter_jobs_have_a_deadline(tools: Path) -> None:
     cronjob = find(render(values=(CHART / "ci" / "schedule-cronjob-values.yaml",)), "CronJob")
     assert cronjob["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 600
+
+
+# --- MLflow basic auth on by default, database URI only in the environment ----------------------------
+
+
+def test_mlflow_basic_auth_is_on_by_default_with_a_generated_admin_secret(tools: Path) -> None:
+    """Without auth any pod that reaches MLflow could move `champion` past the gate (issue 13, item 8)."""
+    from mlflow import environment_variables as mlflow_env
+
+    objects = render()
+    pod = find(objects, "Deployment")["spec"]["template"]["spec"]
+    assert option(container(pod, "mlflow")["command"], "--app-name") == "basic-auth"
+    admin = find(objects, "Secret", f"{RELEASE}-secvec-mlflow-admin")
+    assert set(admin["data"]) == {"username", "password"}
+    assert admin["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"  # the database outlives the release
+    reference = {"name": admin["metadata"]["name"], "key": "password"}
+    server_env = env_of(container(pod, "mlflow"))
+    assert server_env[mlflow_env.MLFLOW_AUTH_ADMIN_PASSWORD.name]["valueFrom"]["secretKeyRef"] == reference
+    assert server_env[mlflow_env.MLFLOW_AUTH_CONFIG_PATH.name]["value"] == "/auth/basic_auth.ini"
+    assert mlflow_env.MLFLOW_FLASK_SERVER_SECRET_KEY.name in server_env
+    pods = ray_pods(find(objects, "RayJob"))
+    assert len(pods) == 2
+    for where, ray_pod in pods:  # the pipeline's client logs in with the same admin credentials
+        ray_env = env_of(ray_pod["containers"][0])
+        assert ray_env[mlflow_env.MLFLOW_TRACKING_PASSWORD.name]["valueFrom"]["secretKeyRef"] == reference, where
+        assert ray_env[mlflow_env.MLFLOW_TRACKING_USERNAME.name]["valueFrom"]["secretKeyRef"]["key"] == "username"
+    given = render("mlflow.auth.existingSecret=my-admin")
+    assert f"{RELEASE}-secvec-mlflow-admin" not in [o["metadata"]["name"] for o in given if o["kind"] == "Secret"]
+    off = render("mlflow.auth.enabled=false")
+    assert "--app-name" not in mlflow_args(off)
+    assert {o["metadata"]["name"] for o in off if o["kind"] == "Secret"} == {f"{RELEASE}-secvec-postgresql"}
+
+
+def test_the_pipeline_client_sends_the_credentials_the_chart_gives_it(tmp_path: Path) -> None:
+    """MLFLOW_TRACKING_USERNAME/PASSWORD, as the chart sets them on the Ray pods, reach the server as
+    HTTP basic auth from MlflowClient (a local stand-in server that refuses anything else)."""
+    import base64
+    import json
+    import os
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mlflow.tracking import MlflowClient
+
+    expected = "Basic " + base64.b64encode(b"admin:s3cret").decode()
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            seen.append(self.headers.get("Authorization"))
+            ok = self.headers.get("Authorization") == expected
+            body = json.dumps({"experiments": []} if ok else {"error_code": "UNAUTHENTICATED"}).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    try:
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="s3cret")
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{server.server_address[1]}")
+        assert list(client.search_experiments()) == []
+    finally:
+        server.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert seen and set(seen) == {expected}
+
+
+def test_no_container_argument_holds_the_database_uri_or_a_password(tools: Path) -> None:
+    """`mlflow server`, `mlflow db upgrade` and the auth init container read the URI from the environment:
+    arguments show in `ps`, in events and in `kubectl describe`."""
+    checked = 0
+    for values in CI_VALUES:
+        for obj in render(values=(values,)):
+            for where, pod in pod_specs(obj):
+                for item in pod["containers"] + pod.get("initContainers", []):
+                    for argument in item.get("command", []) + item.get("args", []):
+                        text = str(argument)
+                        assert "PASSWORD)" not in text, f"{values.name}: {where} {item['name']}: {text}"
+                        assert not ("://" in text and "@" in text.split("://", 1)[1].split("/", 1)[0]), text
+                        assert "--backend-store-uri" not in text and "$(MLFLOW_BACKEND_STORE_URI)" not in text
+                    checked += 1
+    assert checked >= 30
+
+
+def test_generated_passwords_are_documented_as_unstable_under_helm_template() -> None:
+    """`helm template` (GitOps) cannot read a Secret back: every generated password changes on each render,
+    so values.yaml and docs/kubernetes.md must say that `existingSecret` is required there."""
+    values_text = (CHART / "values.yaml").read_text()
+    for section in ("postgresql:", "mlflow:"):
+        block = values_text[values_text.index(f"\n{section}") :]
+        block = block[block.index("\n  auth:") :]
+        comment = block[: block.index("existingSecret:")].rsplit("# --", 1)[1]
+        assert "helm template" in comment, section
+    docs = " ".join((REPO_ROOT / "docs" / "kubernetes.md").read_text().split())
+    assert "set `postgresql.auth.existingSecret`" in docs and "`mlflow.auth.existingSecret`" in docs
+    assert "Under `helm template` both are **required**" in docs
