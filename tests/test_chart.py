@@ -122,7 +122,7 @@ def option(args: list[str], name: str) -> str:
 def test_ci_values_cover_the_documented_cases() -> None:
     names = {path.name.removesuffix("-values.yaml") for path in CI_VALUES}
     expected = {"default", "external-database", "s3-artifacts", "schedule-raycronjob", "schedule-cronjob"}
-    assert expected | {"basic-auth", "gpu-workers", "with-operator"} <= names
+    assert expected | {"basic-auth", "gpu-workers", "with-operator", "ingress"} <= names
 
 
 @pytest.mark.parametrize("helm", HELMS)
@@ -163,9 +163,9 @@ def test_renders_mlflow_postgresql_configmap_and_rayjob_by_default(tools: Path) 
     objects = render()
     assert kinds(objects) == {
         "Deployment", "Service", "PersistentVolumeClaim", "StatefulSet", "Secret", "ConfigMap", "RayJob", "Job",
-        "NetworkPolicy",
+        "NetworkPolicy", "ServiceAccount",
     }  # fmt: skip
-    assert not {"RayCronJob", "CronJob", "Role"} & kinds(objects)
+    assert not {"RayCronJob", "CronJob", "Role", "Ingress"} & kinds(objects)
 
 
 def test_mlflow_server_has_allowed_hosts_with_the_service_name(tools: Path) -> None:
@@ -378,7 +378,7 @@ def test_renders_cronjob_and_role_limited_to_rayjobs_when_schedule_kind_is_cronj
         {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list", "watch"]}
     ]
     binding = find(objects, "RoleBinding")
-    account = find(objects, "ServiceAccount")["metadata"]["name"]
+    account = find(objects, "ServiceAccount", f"{RELEASE}-secvec-scheduled")["metadata"]["name"]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "Role",
@@ -1048,3 +1048,59 @@ def test_generated_passwords_are_documented_as_unstable_under_helm_template() ->
     docs = " ".join((REPO_ROOT / "docs" / "kubernetes.md").read_text().split())
     assert "set `postgresql.auth.existingSecret`" in docs and "`mlflow.auth.existingSecret`" in docs
     assert "Under `helm template` both are **required**" in docs
+
+
+# --- ServiceAccount, Ingress and scheduling options (community mlflow chart / KubeRay conventions) ------
+
+INGRESS_VALUES = CHART / "ci" / "ingress-values.yaml"
+
+
+def test_service_account_is_created_and_used_by_mlflow_and_the_ray_pods(tools: Path) -> None:
+    objects = render(values=(INGRESS_VALUES,))
+    account = find(objects, "ServiceAccount", f"{RELEASE}-secvec")
+    assert account["automountServiceAccountToken"] is False
+    assert account["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/secvec"}
+    users = [find(objects, "Deployment")["spec"]["template"]["spec"], find(objects, "Job")["spec"]["template"]["spec"]]
+    users += [pod for _, pod in ray_pods(find(objects, "RayJob"))]
+    assert len(users) == 4
+    for pod in users:  # an identity (e.g. IRSA for S3), never an API token
+        assert pod["serviceAccountName"] == f"{RELEASE}-secvec" and pod["automountServiceAccountToken"] is False
+    submitter = find(objects, "RayJob")["spec"]["submitterPodTemplate"]["spec"]
+    assert "serviceAccountName" not in submitter  # `ray job submit` needs no cloud identity
+    external = render("serviceAccount.create=false")
+    assert "ServiceAccount" not in kinds(external)
+    assert find(external, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "default"
+    own = render("pipeline.serviceAccountName=training")
+    assert {pod["serviceAccountName"] for _, pod in ray_pods(find(own, "RayJob"))} == {"training"}
+    assert find(own, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == f"{RELEASE}-secvec"
+
+
+def test_mlflow_ingress_is_off_by_default_and_its_hosts_are_allowed_when_on(tools: Path) -> None:
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    assert "Ingress" not in kinds(render())
+    objects = render(values=(INGRESS_VALUES,))
+    ingress = find(objects, "Ingress")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "mlflow-tls", "hosts": ["mlflow.example.com"]}]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "mlflow.example.com"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == find(objects, "Service", f"{RELEASE}-secvec-mlflow")["metadata"]["name"]
+    assert backend["port"] == {"name": "http"}
+    allowed = option(mlflow_args(objects), "--allowed-hosts").split(",")
+    for host in ("mlflow.example.com", "mlflow.example.com:443"):  # else every API call through it gets 403
+        assert is_allowed_host_header(allowed, host), host
+    result = _template("helm3", (str(DEFAULT_VALUES),), ("mlflow.ingress.enabled=true",))
+    assert result.returncode != 0 and "hosts" in result.stderr
+
+
+def test_mlflow_pods_take_affinity_priority_class_and_annotations(tools: Path) -> None:
+    metadata = find(render(values=(INGRESS_VALUES,)), "Deployment")["spec"]["template"]["metadata"]
+    pod = find(render(values=(INGRESS_VALUES,)), "Deployment")["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "platform-services"
+    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    assert term["matchExpressions"][0]["key"] == "node-role.example.com/services"
+    assert metadata["annotations"]["prometheus.io/scrape"] == "false" and "checksum/config" in metadata["annotations"]
+    default = find(render(), "Deployment")["spec"]["template"]["spec"]
+    assert not {"priorityClassName", "affinity"} & set(default)

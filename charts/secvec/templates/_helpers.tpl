@@ -55,6 +55,15 @@ repository without a registry host would resolve to Docker Hub, which has no sec
 {{- end }}
 {{- end }}
 
+{{/* ServiceAccount of the MLflow server, its migration Job and (unless pipeline.serviceAccountName) the Ray pods. */}}
+{{- define "secvec.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "secvec.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
 {{- define "secvec.imagePullSecrets" -}}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
@@ -117,6 +126,12 @@ imagePullSecrets:
 {{- range $name := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns $.Values.clusterDomain) "localhost" "127.0.0.1" }}
 {{- $hosts = append $hosts $name }}
 {{- $hosts = append $hosts (printf "%s:*" $name) }}
+{{- end }}
+{{- if .Values.mlflow.ingress.enabled }}
+{{- range .Values.mlflow.ingress.hosts }}
+{{- $hosts = append $hosts .host }}
+{{- $hosts = append $hosts (printf "%s:*" .host) }}
+{{- end }}
 {{- end }}
 {{- concat $hosts .Values.mlflow.extraAllowedHosts | join "," }}
 {{- end }}
@@ -219,9 +234,7 @@ metadata:
   {{- include "secvec.ray.podMetadata" (dict "root" $root "component" (printf "ray-%s" .role)) | nindent 2 }}
 spec:
   {{- with (include "secvec.imagePullSecrets" $root | trim) }}{{ . | nindent 2 }}{{ end }}
-  {{- with $root.Values.pipeline.serviceAccountName }}
-  serviceAccountName: {{ . }}
-  {{- end }}
+  serviceAccountName: {{ default (include "secvec.serviceAccountName" $root) $root.Values.pipeline.serviceAccountName }}
   # The pipeline never calls the Kubernetes API: no token in the Ray pods.
   automountServiceAccountToken: false
   {{- with $root.Values.rayJob.priorityClassName }}
