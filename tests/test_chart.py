@@ -1104,3 +1104,39 @@ def test_mlflow_pods_take_affinity_priority_class_and_annotations(tools: Path) -
     assert metadata["annotations"]["prometheus.io/scrape"] == "false" and "checksum/config" in metadata["annotations"]
     default = find(render(), "Deployment")["spec"]["template"]["spec"]
     assert not {"priorityClassName", "affinity"} & set(default)
+
+
+# --- the chart README, generated from the `# --` comments ----------------------------------------------
+
+
+def _chart_readme() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chart_readme", REPO_ROOT / "tools" / "chart_readme.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chart_readme_values_table_is_generated_from_values_yaml_and_up_to_date(tmp_path: Path) -> None:
+    """charts/secvec/README.md's table is what tools/chart_readme.py makes of values.yaml now: a value
+    added, changed or documented differently without regenerating it fails here."""
+    chart_readme = _chart_readme()
+    assert chart_readme.main(["--check"]) == 0, "charts/secvec/README.md is stale: run python tools/chart_readme.py"
+    values_text = (CHART / "values.yaml").read_text()
+    documented = chart_readme.documented_keys(values_text)
+    assert len(documented) == values_text.count("# --")
+    readme = (CHART / "README.md").read_text()
+    for key in ("image.repository", "mlflow.auth.enabled", "mlflow.ingress.hosts", "serviceAccount.annotations",
+                "rayJob.gpuWorkers.replicas", "kuberay-operator.enabled"):  # fmt: skip
+        assert f"| `{key}` |" in readme, key
+    assert "| `mlflow.auth.enabled` | bool | `true` |" in readme
+    # A changed default makes the README stale.
+    copy = tmp_path / "chart"
+    copy.mkdir()
+    (copy / "README.md").write_text(readme)
+    (copy / "values.yaml").write_text(values_text.replace("  workers: 2\n", "  workers: 3\n", 1))
+    assert chart_readme.main(["--check", "--chart", str(copy)]) == 1
+    assert chart_readme.main(["--chart", str(copy)]) == 0
+    assert "| `mlflow.workers` | int | `3` |" in (copy / "README.md").read_text()
