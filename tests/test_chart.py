@@ -122,7 +122,7 @@ def option(args: list[str], name: str) -> str:
 def test_ci_values_cover_the_documented_cases() -> None:
     names = {path.name.removesuffix("-values.yaml") for path in CI_VALUES}
     expected = {"default", "external-database", "s3-artifacts", "schedule-raycronjob", "schedule-cronjob"}
-    assert expected | {"basic-auth", "gpu-workers", "with-operator"} <= names
+    assert expected | {"basic-auth", "gpu-workers", "with-operator", "ingress"} <= names
 
 
 @pytest.mark.parametrize("helm", HELMS)
@@ -163,9 +163,9 @@ def test_renders_mlflow_postgresql_configmap_and_rayjob_by_default(tools: Path) 
     objects = render()
     assert kinds(objects) == {
         "Deployment", "Service", "PersistentVolumeClaim", "StatefulSet", "Secret", "ConfigMap", "RayJob", "Job",
-        "NetworkPolicy",
+        "NetworkPolicy", "ServiceAccount",
     }  # fmt: skip
-    assert not {"RayCronJob", "CronJob", "Role"} & kinds(objects)
+    assert not {"RayCronJob", "CronJob", "Role", "Ingress"} & kinds(objects)
 
 
 def test_mlflow_server_has_allowed_hosts_with_the_service_name(tools: Path) -> None:
@@ -378,7 +378,7 @@ def test_renders_cronjob_and_role_limited_to_rayjobs_when_schedule_kind_is_cronj
         {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list", "watch"]}
     ]
     binding = find(objects, "RoleBinding")
-    account = find(objects, "ServiceAccount")["metadata"]["name"]
+    account = find(objects, "ServiceAccount", f"{RELEASE}-secvec-scheduled")["metadata"]["name"]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "Role",
@@ -464,11 +464,12 @@ def test_no_secret_data_in_plain_values(tools: Path) -> None:
                             assert "value" not in env, f"{values.name}: {where} {env['name']} is a literal"
         secrets = [o for o in objects if o["kind"] == "Secret"]
         assert {s["metadata"]["name"] for s in secrets} <= {
-            f"{RELEASE}-secvec-postgresql", f"{RELEASE}-secvec-mlflow-flask"
+            f"{RELEASE}-secvec-postgresql", f"{RELEASE}-secvec-mlflow-flask", f"{RELEASE}-secvec-mlflow-admin"
         }  # fmt: skip
     # The only Secret data the chart writes is random (randAlphaNum), never taken from values.
-    first = find(render("postgresql.auth.username=first"), "Secret")["data"]["password"]
-    second = find(render("postgresql.auth.username=second"), "Secret")["data"]["password"]
+    postgresql = f"{RELEASE}-secvec-postgresql"
+    first = find(render("postgresql.auth.username=first"), "Secret", postgresql)["data"]["password"]
+    second = find(render("postgresql.auth.username=second"), "Secret", postgresql)["data"]["password"]
     assert first != second
 
 
@@ -930,9 +931,213 @@ def test_mlflow_waits_for_the_database_and_restarts_on_config_changes(tools: Pat
     changed = find(render("mlflow.workers=4"), "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert changed["checksum/config"] != checksum
     external = find(render(values=(CHART / "ci" / "external-database-values.yaml",)), "Deployment")
-    assert not external["spec"]["template"]["spec"].get("initContainers")
+    # No bundled database to wait for (the basic-auth config writer, on by default, stays).
+    assert [i["name"] for i in external["spec"]["template"]["spec"]["initContainers"]] == ["auth-config"]
 
 
 def test_scheduled_submitter_jobs_have_a_deadline(tools: Path) -> None:
     cronjob = find(render(values=(CHART / "ci" / "schedule-cronjob-values.yaml",)), "CronJob")
     assert cronjob["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 600
+
+
+# --- MLflow basic auth on by default, database URI only in the environment ----------------------------
+
+
+def test_mlflow_basic_auth_is_on_by_default_with_a_generated_admin_secret(tools: Path) -> None:
+    """Without auth any pod that reaches MLflow could move `champion` past the gate (issue 13, item 8)."""
+    from mlflow import environment_variables as mlflow_env
+
+    objects = render()
+    pod = find(objects, "Deployment")["spec"]["template"]["spec"]
+    assert option(container(pod, "mlflow")["command"], "--app-name") == "basic-auth"
+    admin = find(objects, "Secret", f"{RELEASE}-secvec-mlflow-admin")
+    assert set(admin["data"]) == {"username", "password"}
+    assert admin["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"  # the database outlives the release
+    reference = {"name": admin["metadata"]["name"], "key": "password"}
+    server_env = env_of(container(pod, "mlflow"))
+    assert server_env[mlflow_env.MLFLOW_AUTH_ADMIN_PASSWORD.name]["valueFrom"]["secretKeyRef"] == reference
+    assert server_env[mlflow_env.MLFLOW_AUTH_CONFIG_PATH.name]["value"] == "/auth/basic_auth.ini"
+    assert mlflow_env.MLFLOW_FLASK_SERVER_SECRET_KEY.name in server_env
+    pods = ray_pods(find(objects, "RayJob"))
+    assert len(pods) == 2
+    for where, ray_pod in pods:  # the pipeline's client logs in with the same admin credentials
+        ray_env = env_of(ray_pod["containers"][0])
+        assert ray_env[mlflow_env.MLFLOW_TRACKING_PASSWORD.name]["valueFrom"]["secretKeyRef"] == reference, where
+        assert ray_env[mlflow_env.MLFLOW_TRACKING_USERNAME.name]["valueFrom"]["secretKeyRef"]["key"] == "username"
+    given = render("mlflow.auth.existingSecret=my-admin")
+    assert f"{RELEASE}-secvec-mlflow-admin" not in [o["metadata"]["name"] for o in given if o["kind"] == "Secret"]
+    off = render("mlflow.auth.enabled=false")
+    assert "--app-name" not in mlflow_args(off)
+    assert {o["metadata"]["name"] for o in off if o["kind"] == "Secret"} == {f"{RELEASE}-secvec-postgresql"}
+
+
+def test_the_pipeline_client_sends_the_credentials_the_chart_gives_it(tmp_path: Path) -> None:
+    """MLFLOW_TRACKING_USERNAME/PASSWORD, as the chart sets them on the Ray pods, reach the server as
+    HTTP basic auth from MlflowClient (a local stand-in server that refuses anything else)."""
+    import base64
+    import json
+    import os
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mlflow.tracking import MlflowClient
+
+    expected = "Basic " + base64.b64encode(b"admin:s3cret").decode()
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            seen.append(self.headers.get("Authorization"))
+            ok = self.headers.get("Authorization") == expected
+            body = json.dumps({"experiments": []} if ok else {"error_code": "UNAUTHENTICATED"}).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    try:
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="s3cret")
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{server.server_address[1]}")
+        assert list(client.search_experiments()) == []
+    finally:
+        server.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert seen and set(seen) == {expected}
+
+
+def test_no_container_argument_holds_the_database_uri_or_a_password(tools: Path) -> None:
+    """`mlflow server`, `mlflow db upgrade` and the auth init container read the URI from the environment:
+    arguments show in `ps`, in events and in `kubectl describe`."""
+    checked = 0
+    for values in CI_VALUES:
+        for obj in render(values=(values,)):
+            for where, pod in pod_specs(obj):
+                for item in pod["containers"] + pod.get("initContainers", []):
+                    for argument in item.get("command", []) + item.get("args", []):
+                        text = str(argument)
+                        assert "PASSWORD)" not in text, f"{values.name}: {where} {item['name']}: {text}"
+                        assert not ("://" in text and "@" in text.split("://", 1)[1].split("/", 1)[0]), text
+                        assert "--backend-store-uri" not in text and "$(MLFLOW_BACKEND_STORE_URI)" not in text
+                    checked += 1
+    assert checked >= 30
+
+
+def test_generated_passwords_are_documented_as_unstable_under_helm_template() -> None:
+    """`helm template` (GitOps) cannot read a Secret back: every generated password changes on each render,
+    so values.yaml and docs/kubernetes.md must say that `existingSecret` is required there."""
+    values_text = (CHART / "values.yaml").read_text()
+    for section in ("postgresql:", "mlflow:"):
+        block = values_text[values_text.index(f"\n{section}") :]
+        block = block[block.index("\n  auth:") :]
+        comment = block[: block.index("existingSecret:")].rsplit("# --", 1)[1]
+        assert "helm template" in comment, section
+    docs = " ".join((REPO_ROOT / "docs" / "kubernetes.md").read_text().split())
+    assert "set `postgresql.auth.existingSecret`" in docs and "`mlflow.auth.existingSecret`" in docs
+    assert "Under `helm template` both are **required**" in docs
+
+
+# --- ServiceAccount, Ingress and scheduling options (community mlflow chart / KubeRay conventions) ------
+
+INGRESS_VALUES = CHART / "ci" / "ingress-values.yaml"
+
+
+def test_service_account_is_created_and_used_by_mlflow_and_the_ray_pods(tools: Path) -> None:
+    objects = render(values=(INGRESS_VALUES,))
+    account = find(objects, "ServiceAccount", f"{RELEASE}-secvec")
+    assert account["automountServiceAccountToken"] is False
+    assert account["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/secvec"}
+    users = [find(objects, "Deployment")["spec"]["template"]["spec"], find(objects, "Job")["spec"]["template"]["spec"]]
+    users += [pod for _, pod in ray_pods(find(objects, "RayJob"))]
+    assert len(users) == 4
+    for pod in users:  # an identity (e.g. IRSA for S3), never an API token
+        assert pod["serviceAccountName"] == f"{RELEASE}-secvec" and pod["automountServiceAccountToken"] is False
+    submitter = find(objects, "RayJob")["spec"]["submitterPodTemplate"]["spec"]
+    assert "serviceAccountName" not in submitter  # `ray job submit` needs no cloud identity
+    external = render("serviceAccount.create=false")
+    assert "ServiceAccount" not in kinds(external)
+    assert find(external, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "default"
+    own = render("pipeline.serviceAccountName=training")
+    assert {pod["serviceAccountName"] for _, pod in ray_pods(find(own, "RayJob"))} == {"training"}
+    assert find(own, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == f"{RELEASE}-secvec"
+
+
+def test_mlflow_ingress_is_off_by_default_and_its_hosts_are_allowed_when_on(tools: Path) -> None:
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    assert "Ingress" not in kinds(render())
+    objects = render(values=(INGRESS_VALUES,))
+    ingress = find(objects, "Ingress")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "mlflow-tls", "hosts": ["mlflow.example.com"]}]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "mlflow.example.com"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == find(objects, "Service", f"{RELEASE}-secvec-mlflow")["metadata"]["name"]
+    assert backend["port"] == {"name": "http"}
+    allowed = option(mlflow_args(objects), "--allowed-hosts").split(",")
+    for host in ("mlflow.example.com", "mlflow.example.com:443"):  # else every API call through it gets 403
+        assert is_allowed_host_header(allowed, host), host
+    result = _template("helm3", (str(DEFAULT_VALUES),), ("mlflow.ingress.enabled=true",))
+    assert result.returncode != 0 and "hosts" in result.stderr
+
+
+def test_mlflow_pods_take_affinity_priority_class_and_annotations(tools: Path) -> None:
+    metadata = find(render(values=(INGRESS_VALUES,)), "Deployment")["spec"]["template"]["metadata"]
+    pod = find(render(values=(INGRESS_VALUES,)), "Deployment")["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "platform-services"
+    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    assert term["matchExpressions"][0]["key"] == "node-role.example.com/services"
+    assert metadata["annotations"]["prometheus.io/scrape"] == "false" and "checksum/config" in metadata["annotations"]
+    default = find(render(), "Deployment")["spec"]["template"]["spec"]
+    assert not {"priorityClassName", "affinity"} & set(default)
+
+
+# --- the chart README, generated from the `# --` comments ----------------------------------------------
+
+
+def _chart_readme() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chart_readme", REPO_ROOT / "tools" / "chart_readme.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chart_readme_values_table_is_generated_from_values_yaml_and_up_to_date(tmp_path: Path) -> None:
+    """charts/secvec/README.md's table is what tools/chart_readme.py makes of values.yaml now: a value
+    added, changed or documented differently without regenerating it fails here."""
+    chart_readme = _chart_readme()
+    assert chart_readme.main(["--check"]) == 0, "charts/secvec/README.md is stale: run python tools/chart_readme.py"
+    values_text = (CHART / "values.yaml").read_text()
+    documented = chart_readme.documented_keys(values_text)
+    assert len(documented) == values_text.count("# --")
+    readme = (CHART / "README.md").read_text()
+    for key in ("image.repository", "mlflow.auth.enabled", "mlflow.ingress.hosts", "serviceAccount.annotations",
+                "rayJob.gpuWorkers.replicas", "kuberay-operator.enabled"):  # fmt: skip
+        assert f"| `{key}` |" in readme, key
+    assert "| `mlflow.auth.enabled` | bool | `true` |" in readme
+    # A changed default makes the README stale.
+    copy = tmp_path / "chart"
+    copy.mkdir()
+    (copy / "README.md").write_text(readme)
+    (copy / "values.yaml").write_text(values_text.replace("  workers: 2\n", "  workers: 3\n", 1))
+    assert chart_readme.main(["--check", "--chart", str(copy)]) == 1
+    assert chart_readme.main(["--chart", str(copy)]) == 0
+    assert "| `mlflow.workers` | int | `3` |" in (copy / "README.md").read_text()
