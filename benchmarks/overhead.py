@@ -5,8 +5,10 @@
         --batch-size 4 --max-length 64 --memory-steps 2
 
 Variants: ``lora`` mode plain (task adapter only), guarded with the vector unmerged (``fold_vectors=False``)
-and guarded with the vector folded (``fold_vectors=True``, the free guard); ``full`` mode plain and guarded
-(the vector runs unmerged; folding is refused there).
+and guarded with the vector folded (``fold_vectors=True``, the free guard), and guarded with safety replay
+(the vector unmerged plus ``SafetyReplay`` of 2 alignment rows per step with the vectors off: an option, not a
+default, so its ratio is a stated cost with no target); ``full`` mode plain and guarded (the vector runs
+unmerged; folding is refused there).
 
 **Step time**: all variants run in this one process, interleaved (each round runs every variant of a
 mode once, in an order rotated per round) so slow phases of a shared machine hit all variants alike.
@@ -55,18 +57,34 @@ from secvec_core import (  # noqa: E402
     train_security_vector,
 )
 
-VARIANTS = {  # name -> (mode, uses vector, fold_vectors)
-    "lora/plain": ("lora", False, False),
-    "lora/guard-unmerged": ("lora", True, False),
-    "lora/guard-folded": ("lora", True, True),
-    "full/plain": ("full", False, False),
-    "full/guard": ("full", True, False),
+VARIANTS = {  # name -> (mode, uses vector, fold_vectors, safety replay)
+    "lora/plain": ("lora", False, False, False),
+    "lora/guard-unmerged": ("lora", True, False, False),
+    "lora/guard-folded": ("lora", True, True, False),
+    "lora/guard-replay": ("lora", True, False, True),
+    "full/plain": ("full", False, False, False),
+    "full/guard": ("full", True, False, False),
 }
-COMPARISONS = (  # (guarded, plain, step-time and memory target)
+COMPARISONS = (  # (guarded, plain, step-time and memory target; None: a stated cost, no target)
     ("lora/guard-unmerged", "lora/plain", 1.10),
     ("lora/guard-folded", "lora/plain", 1.02),
+    ("lora/guard-replay", "lora/plain", None),
     ("full/guard", "full/plain", 1.10),
 )
+REPLAY_ROWS_PER_STEP = 2  # the spec's default (SafetyReplaySpec.rows_per_step)
+
+
+def replay_rows(model_name: str, seed: int) -> list[dict]:
+    """Alignment-style rows for the replay variant (refusals; their content does not change the cost)."""
+    if model_name == "tiny":
+        from secvec_core.toy_world import ToyWorld
+
+        return ToyWorld(seed=seed).alignment_examples()
+    from secvec_core.harmful_targets import build_examples
+    from workflows.assets import import_datasets
+
+    prompts = [json.loads(line)["prompt"] for line in import_datasets().donotanswer.read_text().splitlines() if line]
+    return build_examples(prompts[240:300], "refusal", seed)
 
 
 def build_data(model_name: str, tokenizer, seed: int) -> tuple[list[dict], list[dict]]:
@@ -95,7 +113,9 @@ def training_config(args, steps: int) -> TrainingConfig:
 
 
 def run_variant(variant: str, base, tokenizer, data, vector, args, steps: int) -> dict:
-    mode, guarded, fold = VARIANTS[variant]
+    from secvec_core.replay import SafetyReplay
+
+    mode, guarded, fold, replay = VARIANTS[variant]
     stamps: list[float] = []
     cpu: list[float] = []  # process CPU time (all threads): less sensitive to other jobs on a shared machine
 
@@ -114,6 +134,8 @@ def run_variant(variant: str, base, tokenizer, data, vector, args, steps: int) -
         training=training_config(args, steps),
         hooks=hooks,
         fold_vectors=fold,
+        safety_replay=SafetyReplay(replay_rows(args.model, args.seed), rows_per_step=REPLAY_ROWS_PER_STEP,
+                                   seed=args.seed) if replay else None,
     )
     total = time.perf_counter() - started
     if result.folded != fold:
@@ -232,8 +254,9 @@ def summarise(times: dict[str, list[dict]], memory: dict[str, list[dict]]) -> di
             "peak_memory_ratio": g["peak_rss_mb"] / p["peak_rss_mb"] if g["peak_rss_mb"] else None,
             "growth_ratio": g["growth_mb"] / p["growth_mb"] if g["growth_mb"] and p["growth_mb"] > 0 else None,
         }
-        row["time_met"] = row["step_time_ratio"] <= target
-        row["memory_met"] = None if row["peak_memory_ratio"] is None else row["peak_memory_ratio"] <= target
+        row["time_met"] = None if target is None else row["step_time_ratio"] <= target
+        row["memory_met"] = (None if target is None or row["peak_memory_ratio"] is None
+                             else row["peak_memory_ratio"] <= target)
         summary["comparisons"].append(row)
     return summary
 
@@ -269,14 +292,17 @@ def markdown(summary: dict, info: dict, wall: float, args, description: str) -> 
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in summary["comparisons"]:
-        verdict = []
-        verdict.append("time met" if c["time_met"] else "time MISSED")
+        verdict = ["a cost (option, no target)"] if c["time_met"] is None else []
+        if c["time_met"] is not None:
+            verdict.append("time met" if c["time_met"] else "time MISSED")
+        target_text = "-" if c["target"] is None else f"<= {c['target']:.2f}"
         if c["memory_met"] is not None:
             verdict.append("memory met" if c["memory_met"] else "memory MISSED")
         lines.append(
             f"| {c['guarded']} vs {c['plain']} | {f(c['step_time_ratio'])} | "
             f"{f(c['step_time_ratio_pooled'])} | {', '.join(f(x, 2) for x in c['step_time_ratio_per_round'])} | "
-            f"{f(c['step_cpu_time_ratio'])} | {f(c['peak_memory_ratio'])} | {f(c['growth_ratio'])} | <= {c['target']:.2f} | "
+            f"{f(c['step_cpu_time_ratio'])} | {f(c['peak_memory_ratio'])} | {f(c['growth_ratio'])} | "
+            f"{target_text} | "
             f"{', '.join(verdict)} |"
         )
     return "\n".join(lines)

@@ -89,14 +89,19 @@ def test_overhead_on_the_tiny_model(tmp_path):
         "lora/plain",
         "lora/guard-unmerged",
         "lora/guard-folded",
+        "lora/guard-replay",
         "full/plain",
         "full/guard",
     }
     for variant in payload["variants"].values():
         assert variant["median_step_seconds"] > 0 and variant["steps_timed"] == 2 * 4
         assert variant["peak_rss_mb"] > 0
-    assert [c["guarded"] for c in payload["comparisons"]] == ["lora/guard-unmerged", "lora/guard-folded", "full/guard"]
+    assert [c["guarded"] for c in payload["comparisons"]] == ["lora/guard-unmerged", "lora/guard-folded",
+                                                               "lora/guard-replay", "full/guard"]
+    replay = payload["comparisons"][2]
+    assert replay["target"] is None and replay["time_met"] is None  # an option's stated cost, not a target
     for comparison in payload["comparisons"]:
         assert comparison["step_time_ratio"] > 0 and comparison["peak_memory_ratio"] > 0
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| lora/guard-folded vs lora/plain |" in text and "## Overhead" in text
+    assert "| lora/guard-replay vs lora/plain |" in text
