@@ -74,13 +74,13 @@ def test_secvec_core_imports_only_its_declared_dependencies():
 def test_plain_install_is_torch_transformers_and_peft():
     assert {canonicalize_name(r.name) for r in _requirements()} == CORE_REQUIREMENTS
     bounds = {r.name: r.specifier for r in _requirements()}
-    assert "4.56" in bounds["transformers"] and "4.55" not in bounds["transformers"]  # dtype=
+    assert "5.1" in bounds["transformers"] and "5.0" not in bounds["transformers"]  # peft 0.19 under DDP
     assert "0.19" in bounds["peft"] and "0.18.1" not in bounds["peft"]  # inference_mode=, unload() clean-up
     assert any(s.operator == "<" for s in bounds["peft"]), "folding reads peft internals: cap peft"
 
 
 def test_minimums_for_ci_are_the_declared_lower_bounds():
-    assert _core_tests_module().minimum_requirements() == ["transformers==4.56", "peft==0.19"]
+    assert _core_tests_module().minimum_requirements() == ["transformers==5.1", "peft==0.19"]
 
 
 def test_every_module_the_console_hint_names_comes_with_that_extra():
@@ -130,6 +130,16 @@ def test_console_script_without_the_pipeline_extra_prints_one_line():
         "error: this secvec command needs the 'typer' package, which comes with the pipeline extra: "
         "pip install 'secvec[pipeline]'"
     ]
+
+
+def test_console_script_refuses_at_once_when_only_part_of_the_pipeline_extra_is_there():
+    """transformers 5 brings typer and pyyaml, so ``secvec --help`` would start without ray or mlflow."""
+    code = (
+        "import sys; sys.modules['ray'] = None; sys.argv = ['secvec', '--help']; "
+        "from workflows.console import main; main()"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "'ray' package" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_missing_module_hints_name_the_extra_and_leave_real_bugs_alone():

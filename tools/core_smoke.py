@@ -16,6 +16,30 @@ from pathlib import Path
 NOT_CORE = ("ray", "mlflow", "pydantic", "kubernetes", "typer", "rich", "matplotlib", "gguf", "psycopg2", "workflows")
 
 
+def _dependency_closure(roots: tuple[str, ...]) -> set[str]:
+    """Normalised names of every distribution the core's own dependencies install (transformers 5 brings
+    rich and typer through huggingface_hub): those may be loaded by them, not by secvec_core."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [canonicalize_name(r) for r in roots]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requirements = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requirements:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(requirement.name))
+    return seen | {n.replace("-", "_") for n in seen}
+
+
 def main() -> None:
     import secvec_core
     from secvec_core import (
@@ -38,7 +62,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shipped = result.save(Path(tmp) / "shipped")
         names = sorted(p.name for p in Path(shipped).iterdir())
-    loaded = sorted(name for name in NOT_CORE if name in sys.modules)
+    brought = _dependency_closure(("torch", "transformers", "peft"))
+    loaded = sorted(name for name in NOT_CORE if name in sys.modules and name not in brought)
     if loaded:
         sys.exit(f"secvec_core loaded non-core modules: {loaded}")
     versions = ", ".join(f"{name} {metadata.version(name)}" for name in ("torch", "transformers", "peft"))

@@ -33,7 +33,24 @@ def missing_extra_hint(err: ModuleNotFoundError) -> str | None:
     )
 
 
+# Checked before the CLI is imported: some of them arrive with the core's own dependencies (transformers 5
+# brings typer and pyyaml through huggingface_hub), so `secvec --help` would otherwise start and every
+# command then fail on a later import.
+PIPELINE_MODULES = ("typer", "rich", "yaml", "pydantic", "mlflow", "ray")
+
+
+def missing_pipeline_module() -> str | None:
+    """The first module of the pipeline extra that is not installed, or None."""
+    from importlib.util import find_spec
+
+    return next((name for name in PIPELINE_MODULES if find_spec(name) is None), None)
+
+
 def main() -> None:
+    missing = missing_pipeline_module()
+    if missing is not None:
+        sys.stderr.write(missing_extra_hint(ModuleNotFoundError(name=missing)) + "\n")
+        raise SystemExit(1)
     try:
         from workflows.cli import app
 
