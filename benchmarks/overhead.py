@@ -292,9 +292,10 @@ def markdown(summary: dict, info: dict, wall: float, args, description: str) -> 
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in summary["comparisons"]:
-        verdict = ["a cost (option, no target)"] if c["time_met"] is None else []
-        if c["time_met"] is not None:
-            verdict.append("time met" if c["time_met"] else "time MISSED")
+        if c["time_met"] is None:
+            verdict = ["a cost (option, no target)"]
+        else:
+            verdict = ["time met" if c["time_met"] else "time MISSED"]
         target_text = "-" if c["target"] is None else f"<= {c['target']:.2f}"
         if c["memory_met"] is not None:
             verdict.append("memory met" if c["memory_met"] else "memory MISSED")

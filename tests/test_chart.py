@@ -971,12 +971,11 @@ def test_mlflow_basic_auth_is_on_by_default_with_a_generated_admin_secret(tools:
     assert {o["metadata"]["name"] for o in off if o["kind"] == "Secret"} == {f"{RELEASE}-secvec-postgresql"}
 
 
-def test_the_pipeline_client_sends_the_credentials_the_chart_gives_it(tmp_path: Path) -> None:
+def test_the_pipeline_client_sends_the_credentials_the_chart_gives_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """MLFLOW_TRACKING_USERNAME/PASSWORD, as the chart sets them on the Ray pods, reach the server as
     HTTP basic auth from MlflowClient (a local stand-in server that refuses anything else)."""
     import base64
     import json
-    import os
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -1005,18 +1004,13 @@ def test_the_pipeline_client_sends_the_credentials_the_chart_gives_it(tmp_path: 
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
     try:
-        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="s3cret")
         client = MlflowClient(tracking_uri=f"http://127.0.0.1:{server.server_address[1]}")
         assert list(client.search_experiments()) == []
     finally:
         server.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     assert seen and set(seen) == {expected}
 
 
@@ -1097,8 +1091,8 @@ def test_mlflow_ingress_is_off_by_default_and_its_hosts_are_allowed_when_on(tool
 
 
 def test_mlflow_pods_take_affinity_priority_class_and_annotations(tools: Path) -> None:
-    metadata = find(render(values=(INGRESS_VALUES,)), "Deployment")["spec"]["template"]["metadata"]
-    pod = find(render(values=(INGRESS_VALUES,)), "Deployment")["spec"]["template"]["spec"]
+    template = find(render(values=(INGRESS_VALUES,)), "Deployment")["spec"]["template"]
+    metadata, pod = template["metadata"], template["spec"]
     assert pod["priorityClassName"] == "platform-services"
     term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
     assert term["matchExpressions"][0]["key"] == "node-role.example.com/services"

@@ -36,7 +36,7 @@ def missing_extra_hint(err: ModuleNotFoundError) -> str | None:
 # Checked before the CLI is imported: some of them arrive with the core's own dependencies (transformers 5
 # brings typer and pyyaml through huggingface_hub), so `secvec --help` would otherwise start and every
 # command then fail on a later import.
-PIPELINE_MODULES = ("typer", "rich", "yaml", "pydantic", "mlflow", "ray")
+PIPELINE_MODULES = tuple(module for module, extra in EXTRA_FOR_MODULE.items() if extra == "pipeline")
 
 
 def missing_pipeline_module() -> str | None:
