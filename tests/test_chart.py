@@ -330,9 +330,13 @@ def test_pipeline_spec_is_rendered_into_the_configmap_mounted_at_config(tools: P
 
 
 def test_rayjob_has_head_and_gpu_worker_group_and_lifecycle_settings(tools: Path) -> None:
-    rayjob = find(render(values=(CHART / "ci" / "gpu-workers-values.yaml",)), "RayJob")
+    objects = render(values=(CHART / "ci" / "gpu-workers-values.yaml",))
+    rayjob = find(objects, "RayJob")
     spec = rayjob["spec"]
-    assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec  # deletionRules instead
+    # Kueue (rayJob.kueueQueueName) refuses a RayJob without shutdownAfterJobFinishes, which KubeRay refuses
+    # beside deletionRules: the cluster's TTL instead of the deletion rules.
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 600
+    assert "deletionStrategy" not in spec
     assert (spec["activeDeadlineSeconds"], spec["preRunningDeadlineSeconds"], spec["backoffLimit"]) == (172800, 1800, 1)
     (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 8
@@ -345,7 +349,14 @@ def test_rayjob_has_head_and_gpu_worker_group_and_lifecycle_settings(tools: Path
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["image"] == "registry.example.com/ml/secvec@sha256:" + "0123456789abcdef" * 4
     assert workers["template"]["spec"]["priorityClassName"] == "gpu-training"
-    assert workers["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    # Kueue admits the RayJob as one workload, by the RayJob's own label (pods labelled alone would each be
+    # a workload of their own under Kueue's pod integration, or not be managed at all).
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    cluster = spec["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert "kueue.x-k8s.io/queue-name" not in group["template"]["metadata"]["labels"]
+    template = yaml.safe_load(find(objects, "ConfigMap")["data"]["rayjob-template.yaml"])
+    assert template["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"  # scheduled runs too
     assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
     assert env_of(head)["NCCL_DEBUG"]["value"] == "WARN"
 
@@ -707,6 +718,16 @@ def test_operator_feature_gate_raycronjob_is_off_unless_a_value_enables_it(tools
     assert "--feature-gates=RayCronJob=false" in args
     assert not [arg for arg in args if arg.startswith("--watch-namespace")]
     assert validation_errors(objects) == []
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_kueue_queue_with_a_raycronjob_schedule_fails_the_render(tools: Path, helm: str) -> None:
+    """KubeRay's RayCronJob gives its RayJobs only its own name label: Kueue would never see the queue."""
+    sets = ("rayJob.kueueQueueName=gpu-queue", "schedule.enabled=true", "schedule.kind=RayCronJob")
+    result = _template(helm, (str(DEFAULT_VALUES),), sets)
+    assert result.returncode != 0 and "schedule.kind CronJob" in result.stderr, result.stderr
+    cron = _template(helm, (str(DEFAULT_VALUES),), (*sets[:2], "schedule.kind=CronJob"))
+    assert cron.returncode == 0, cron.stderr
 
 
 @pytest.mark.parametrize("helm", HELMS)

@@ -461,6 +461,36 @@ def test_submit_with_a_template_keeps_its_cluster(
     assert refused.exit_code == 1 and "drop the sizing" in refused.output
 
 
+def test_template_patch_is_applied_and_refused_in_one_line_when_it_does_not_fit(
+    cli: typer.Typer, spec_file: Path, tmp_path: Path
+) -> None:
+    template = kube.render_rayjob("name: t\nscaling: {num_workers: 2, use_gpu: true}\n", name="t", image=IMAGE)
+    template_file = tmp_path / "template.yaml"
+    template_file.write_text(kube.to_yaml(template))
+    worker = "/spec/rayClusterSpec/workerGroupSpecs/0"
+    patch_file = tmp_path / "patch.yaml"
+    patch_file.write_text(
+        f"- {{op: test, path: {worker}/groupName, value: gpu-workers}}\n"
+        f"- {{op: add, path: {worker}/template/spec/nodeSelector, value: {{pool: a100}}}}\n"
+    )
+    render = ["render", str(spec_file), "--template", str(template_file)]
+    result = CliRunner().invoke(cli, [*render, "--template-patch", str(patch_file)])
+    assert result.exit_code == 0, result.output
+    (group,) = yaml.safe_load(result.stdout)["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["template"]["spec"]["nodeSelector"] == {"pool": "a100"}
+    assert "nodeSelector" not in template["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+
+    patch_file.write_text(f"- {{op: test, path: {worker}/groupName, value: cpu-workers}}\n")
+    mismatch = CliRunner().invoke(cli, [*render, "--template-patch", str(patch_file)])
+    assert mismatch.exit_code == 1 and "does not apply" in mismatch.output
+    assert len(mismatch.output.strip().splitlines()) == 1
+    patch_file.write_text("op: add\n")
+    not_a_list = CliRunner().invoke(cli, [*render, "--template-patch", str(patch_file)])
+    assert not_a_list.exit_code == 1 and "list of JSON patch operations" in not_a_list.output
+    alone = CliRunner().invoke(cli, ["render", str(spec_file), "--template-patch", str(patch_file)])
+    assert alone.exit_code == 1 and "give both" in alone.output
+
+
 # --- a cluster that can start, and nothing left open --------------------------------------------------
 
 K8S_RAYJOB = REPO_ROOT / "k8s" / "base" / "rayjob.yaml"

@@ -97,7 +97,8 @@ def test_base_wires_pipeline_configmap_mlflow_and_rbac() -> None:
     assert {o["metadata"].get("namespace") for o in objects} == {"secvec"}
     configmap = only(objects, "ConfigMap")
     assert configmap["metadata"]["name"] == "secvec-pipeline"  # no hash suffix: the RayJob refers to it
-    assert sorted(configmap["data"]) == ["pipeline.yaml", "rayjob-template.yaml"]
+    assert sorted(configmap["data"]) == ["pipeline.yaml", "rayjob-patch.yaml", "rayjob-template.yaml"]
+    assert yaml.safe_load(configmap["data"]["rayjob-patch.yaml"]) == []  # the base changes nothing
     rayjob = only(objects, "RayJob")
     assert rayjob["spec"]["entrypoint"] == "secvec run /config/pipeline.yaml"
     for where, pod in pod_specs(rayjob):
@@ -154,10 +155,34 @@ def test_gpu_overlay_places_gpu_workers_on_gpu_nodes() -> None:
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS)
 def test_cronjob_template_is_the_rayjob(directory: str) -> None:
-    """Scheduled runs start from rayjob-template.yaml: it must be the RayJob this kustomization applies."""
+    """Scheduled runs start from rayjob-template.yaml with rayjob-patch.yaml applied (`secvec submit
+    --template-patch`): that must be the RayJob this kustomization applies."""
     objects = build(directory)
-    template = yaml.safe_load(only(objects, "ConfigMap")["data"]["rayjob-template.yaml"])
+    data = only(objects, "ConfigMap")["data"]
+    template = kube.patch_template(yaml.safe_load(data["rayjob-template.yaml"]), yaml.safe_load(data["rayjob-patch.yaml"]))
     assert template["spec"] == only(objects, "RayJob")["spec"]
+
+
+def test_gpu_overlay_is_a_patch_of_the_base_not_a_copy() -> None:
+    """The overlay holds no RayJob of its own: a copy drifts from the base (image, security, clean-up)."""
+    for path in (K8S / "overlays" / "gpu").glob("*.yaml"):
+        for document in yaml.safe_load_all(path.read_text()):
+            assert not (isinstance(document, dict) and document.get("kind") == "RayJob"), path
+    base, gpu = (only(build(d), "RayJob")["spec"] for d in KUSTOMIZATIONS)
+    assert {k: v for k, v in base.items() if k != "rayClusterSpec"} == {
+        k: v for k, v in gpu.items() if k != "rayClusterSpec"
+    }
+    assert base["rayClusterSpec"]["headGroupSpec"] == gpu["rayClusterSpec"]["headGroupSpec"]
+
+
+def test_mlflow_waits_for_the_database_and_upgrades_its_schema_before_serving() -> None:
+    deployment = only(build("base"), "Deployment")["spec"]
+    assert deployment["strategy"] == {"type": "Recreate"}  # no old server on the schema while it migrates
+    pod = deployment["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["wait-for-db", "db-upgrade"]
+    upgrade = pod["initContainers"][1]
+    assert upgrade["image"] == pod["containers"][0]["image"]  # the schema of the server that starts next
+    assert not any("postgresql" in argument for argument in upgrade["command"])  # the URI only in env
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS)
@@ -207,3 +232,46 @@ def test_dockerfile_installs_pinned_dependencies_before_the_source_on_one_cuda_s
     chart_values = yaml.safe_load((REPO_ROOT / "charts" / "secvec" / "values.yaml").read_text())
     assert ray_version == chart_values["rayJob"]["rayVersion"]
     assert "whl/cu" in next(line for line in lines if line.startswith("ARG TORCH_INDEX_URL="))  # GPU by default
+
+
+def test_db_upgrade_init_container_leaves_a_new_database_alone_and_upgrades_an_old_schema(tmp_path: Path) -> None:
+    """The init container's own script, run against real PostgreSQL: an empty database is left for the
+    server to create; a schema an older MLflow left (an early migration) is brought to this MLflow's head."""
+    import os
+    import sys
+
+    import sqlalchemy
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import InitialBase, _get_alembic_config
+
+    from tests.e2e import postgres_database
+
+    pod = only(build("base"), "Deployment")["spec"]["template"]["spec"]
+    (upgrade,) = [c for c in pod["initContainers"] if c["name"] == "db-upgrade"]
+    assert upgrade["command"][:2] == ["python", "-c"]
+    script = upgrade["command"][2]
+
+    def run_script(uri: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri, "HOME": str(tmp_path)}
+        return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+
+    with postgres_database("secvec_dbupgrade") as uri:
+        engine = sqlalchemy.create_engine(uri)
+        result = run_script(uri)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "no MLflow schema yet" in result.stdout
+        assert sqlalchemy.inspect(engine).get_table_names() == []
+
+        config = _get_alembic_config(uri)
+        first_migration = "451aebb31d03"  # MLflow's first schema migration (metric step)
+        InitialBase.metadata.create_all(engine)
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, first_migration)
+        result = run_script(uri)
+        assert result.returncode == 0, result.stderr[-2000:]
+        with engine.connect() as connection:
+            (version,) = connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).one()
+        assert version in ScriptDirectory.from_config(config).get_heads() and version != first_migration
+        engine.dispose()

@@ -47,6 +47,13 @@ TemplateOption = typer.Option(
     "mounts at /config is replaced by SPEC; sizing and data options refused.",
 )
 
+TemplatePatchOption = typer.Option(
+    None,
+    "--template-patch",
+    help="JSON patch (RFC 6902, YAML or JSON list of operations) applied to --template first, e.g. the "
+    "rayjob-patch.yaml a kustomize overlay also applies to its RayJob.",
+)
+
 
 def _fail(message: str) -> typer.Exit:
     _err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -83,10 +90,30 @@ def _node_selector(pairs: list[str] | None) -> dict[str, str] | None:
     return selector
 
 
+def _read_template(template_path: Path, patch_path: Path | None) -> dict[str, Any]:
+    try:
+        template = yaml.safe_load(template_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise _fail(f"cannot read RayJob template {template_path}: {error}") from error
+    if not isinstance(template, dict):
+        raise _fail(f"RayJob template {template_path} is not a YAML mapping")
+    if patch_path is None:
+        return template
+    try:
+        operations = yaml.safe_load(patch_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise _fail(f"cannot read template patch {patch_path}: {error}") from error
+    try:
+        return kube.patch_template(template, operations)
+    except ValueError as error:
+        raise _fail(f"{patch_path}: {error}") from error
+
+
 def _render(
     spec_path: Path,
     *,
     template_path: Path | None,
+    template_patch_path: Path | None,
     worker_node_selector: list[str] | None,
     worker_toleration: list[str] | None,
     schedule: str | None = None,
@@ -94,14 +121,9 @@ def _render(
     **options: Any,
 ) -> dict[str, Any]:
     text = _read_spec(spec_path)
-    template = None
-    if template_path is not None:
-        try:
-            template = yaml.safe_load(template_path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as error:
-            raise _fail(f"cannot read RayJob template {template_path}: {error}") from error
-        if not isinstance(template, dict):
-            raise _fail(f"RayJob template {template_path} is not a YAML mapping")
+    if template_patch_path is not None and template_path is None:
+        raise _fail("--template-patch patches a --template: give both")
+    template = None if template_path is None else _read_template(template_path, template_patch_path)
     try:
         tolerations = [kube.parse_toleration(item) for item in worker_toleration or []] or None
         options.update(
@@ -137,6 +159,7 @@ def render(
     data_claim: str | None = DataClaimOption,
     image_pull_secret: list[str] | None = PullSecretOption,
     template: Path | None = TemplateOption,
+    template_patch: Path | None = TemplatePatchOption,
     schedule: str | None = typer.Option(
         None, "--schedule", help="Cron expression: render a RayCronJob (KubeRay 1.6+, feature gate RayCronJob)."
     ),
@@ -147,6 +170,7 @@ def render(
     obj = _render(
         spec,
         template_path=template,
+        template_patch_path=template_patch,
         worker_node_selector=worker_node_selector,
         worker_toleration=worker_toleration,
         schedule=schedule,
@@ -183,6 +207,7 @@ def submit(
     data_claim: str | None = DataClaimOption,
     image_pull_secret: list[str] | None = PullSecretOption,
     template: Path | None = TemplateOption,
+    template_patch: Path | None = TemplatePatchOption,
     wait: bool = typer.Option(False, "--wait", help="Follow the RayJob until it finishes; exit 1 if it fails."),
     timeout: float = typer.Option(86400.0, "--timeout", min=1, help="Seconds --wait waits at most."),
     poll_interval: float = typer.Option(5.0, "--poll-interval", min=0.01, help="Seconds between status checks."),
@@ -194,6 +219,7 @@ def submit(
     obj = _render(
         spec,
         template_path=template,
+        template_patch_path=template_patch,
         worker_node_selector=worker_node_selector,
         worker_toleration=worker_toleration,
         name=name,

@@ -373,6 +373,27 @@ def _template_env(rayjob_spec: Mapping[str, Any], name: str) -> str | None:
     return next((e.get("value") for e in containers[0].get("env") or [] if e.get("name") == name), None)
 
 
+def patch_template(template: Mapping[str, Any], operations: Any) -> dict[str, Any]:
+    """``template`` with an RFC 6902 JSON patch applied (a new object; the argument is left alone).
+
+    Why: a kustomize overlay changes the applied RayJob with a patch, but cannot reach the CronJob's
+    template, a string inside a ConfigMap. The overlay puts the same patch file into the ConfigMap
+    (``rayjob-patch.yaml``) and ``secvec submit --template-patch`` applies it, so every scheduled run gets
+    exactly what the overlay applied, with no copy of the RayJob to drift apart.
+    """
+    import jsonpatch  # the kube extra: only `secvec render/submit` need it
+    import jsonpointer
+
+    if operations is None:
+        operations = []
+    if not isinstance(operations, list) or not all(isinstance(op, Mapping) for op in operations):
+        raise ValueError("a template patch must be a list of JSON patch operations (RFC 6902), e.g. [] for none")
+    try:
+        return jsonpatch.apply_patch(copy.deepcopy(dict(template)), operations)
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as error:
+        raise ValueError(f"the template patch does not apply: {error}") from error
+
+
 def check_cluster_spec(
     spec: Mapping[str, Any], rayjob_spec: Mapping[str, Any], *, data_mount_path: str = DATA_MOUNT_PATH
 ) -> list[str]:

@@ -217,9 +217,6 @@ imagePullSecrets:
 {{- define "secvec.ray.podMetadata" -}}
 labels:
   {{- include "secvec.selectorLabels" (dict "root" .root "component" .component) | nindent 2 }}
-  {{- with .root.Values.rayJob.kueueQueueName }}
-  kueue.x-k8s.io/queue-name: {{ . }}
-  {{- end }}
 {{- with .root.Values.rayJob.podAnnotations }}
 annotations:
   {{- toYaml . | nindent 2 }}
@@ -372,6 +369,9 @@ spec:
 {{- if and (include "secvec.pipeline.usesDataVolume" .) (not .Values.pipeline.dataVolume.claimName) }}
 {{- fail (printf "the pipeline spec reads or writes %s but pipeline.dataVolume.claimName is empty: give an existing ReadWriteMany claim holding the data sets (docs/kubernetes.md, \"The default pipeline and its data\")" .Values.pipeline.dataVolume.mountPath) }}
 {{- end }}
+{{- if and .Values.rayJob.kueueQueueName .Values.schedule.enabled (eq .Values.schedule.kind "RayCronJob") }}
+{{- fail "rayJob.kueueQueueName needs schedule.kind CronJob: KubeRay's RayCronJob does not copy labels to the RayJobs it creates, so Kueue would never see the queue" }}
+{{- end }}
 {{- end }}
 
 {{/* The RayJob spec shared by the one-off RayJob and the RayCronJob's jobTemplate. */}}
@@ -384,6 +384,13 @@ entrypoint: secvec run /config/pipeline.yaml
 submissionMode: K8sJobMode
 submitterPodTemplate:
   {{- include "secvec.ray.submitterTemplate" . | trim | nindent 2 }}
+{{- if .Values.rayJob.kueueQueueName }}
+# Kueue admits the RayJob as one workload and requires shutdownAfterJobFinishes (its webhook refuses the
+# RayJob otherwise), which KubeRay does not allow beside deletionRules: the Ray cluster goes
+# ttlSecondsAfterFinished after the job ends; the finished RayJob objects stay (they hold no quota).
+shutdownAfterJobFinishes: true
+ttlSecondsAfterFinished: {{ $ttl }}
+{{- else }}
 # Clean-up (KubeRay's deletionStrategy, mutually exclusive with shutdownAfterJobFinishes): the Ray cluster
 # goes ttlSecondsAfterFinished after the job ends, the RayJob itself (and with it its submitter Job)
 # deleteRayJobAfterSeconds after, so that scheduled runs do not pile up. Results live in MLflow.
@@ -395,6 +402,7 @@ deletionStrategy:
     - condition: {{ merge (dict "ttlSeconds" $keep) $condition | toJson }}
       policy: DeleteSelf
     {{- end }}
+{{- end }}
 activeDeadlineSeconds: {{ int .Values.rayJob.activeDeadlineSeconds }}
 preRunningDeadlineSeconds: {{ int .Values.rayJob.preRunningDeadlineSeconds }}
 backoffLimit: {{ int .Values.rayJob.backoffLimit }}
@@ -490,4 +498,18 @@ cpu: {{ $cpu | quote }}
 {{- define "secvec.pipeline.usesDataVolume" -}}
 {{- $mount := trimSuffix "/" .Values.pipeline.dataVolume.mountPath }}
 {{- if regexMatch (printf "(^|[\\s:\"'\\[{,=])%s(/|[\\s\"',}\\]]|$)" (regexQuoteMeta $mount)) (include "secvec.pipeline.specYaml" .) }}true{{ end }}
+{{- end }}
+
+{{/* Labels of a RayJob object (the one-off run and the template of scheduled runs): Kueue reads its
+queue from the RayJob's own labels, not the pods'. Call with (dict "root" $ "full" true|false). */}}
+{{- define "secvec.rayJob.labels" -}}
+{{- if .full }}
+{{- include "secvec.labels" (dict "root" .root "component" "pipeline") }}
+{{- else }}
+{{- include "secvec.selectorLabels" (dict "root" .root "component" "pipeline") }}
+app.kubernetes.io/part-of: secvec
+{{- end }}
+{{- with .root.Values.rayJob.kueueQueueName }}
+kueue.x-k8s.io/queue-name: {{ . }}
+{{- end }}
 {{- end }}
