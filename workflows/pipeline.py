@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workflows.plan import check_fits
-from workflows.specs import AttackSweepStage, EvaluationStage, GuardedFinetuneStage, PipelineSpec, dataset_refs
+from workflows.specs import (
+    AttackSweepStage,
+    EvaluationStage,
+    GuardedFinetuneStage,
+    PipelineSpec,
+    dataset_refs,
+    with_absolute_paths,
+)
 from workflows.stages import OUTPUT_FILE, StageContext, stage_worker
 
 logger = logging.getLogger(__name__)
@@ -152,6 +159,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
     from workflows.preflight import check_fingerprints, preflight
     from workflows.tracking import RETRY_ENV, StageRun, ensure_experiment
 
+    spec = with_absolute_paths(spec)  # stages run in Ray workers with another working directory
     work_dir = Path(spec.work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = absolute_tracking_uri(spec.tracking.tracking_uri)

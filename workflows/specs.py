@@ -500,5 +500,47 @@ def load_spec(path: str | Path) -> PipelineSpec:
     return parse_spec(data, str(path))
 
 
+def with_absolute_paths(spec: PipelineSpec, base: Path | None = None) -> PipelineSpec:
+    """The spec with its local paths made absolute against ``base`` (default: the current directory).
+
+    Why: a spec names files relative to where ``secvec run`` starts (``benchmarks/specs/sweep-smollm2.yaml``
+    says "from the repository root"), but Ray Train runs every stage in a worker process whose working
+    directory is not the driver's, so a relative path that preflight found is "not found" in the stage.
+    Dataset and vector ``path`` values always become absolute; a model ``source`` and a dataset ``hf`` value
+    only when they name something that exists under ``base`` (otherwise they are hub ids). Absolute paths
+    are left alone, so a cluster spec is unchanged.
+    """
+    base = (base or Path.cwd()).absolute()
+
+    def absolute(path: str) -> str:
+        return str(base / Path(path).expanduser()) if not Path(path).expanduser().is_absolute() else path
+
+    def local(name: str) -> bool:
+        return not Path(name).is_absolute() and (base / name).exists()
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, list):
+            items = [fix(item) for item in value]
+            return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
+        if not isinstance(value, BaseModel):
+            return value
+        updates = {}
+        for name in type(value).model_fields:
+            current = getattr(value, name)
+            fixed = fix(current)
+            if fixed is not current:
+                updates[name] = fixed
+        if isinstance(value, DatasetRef | VectorRef) and value.path and absolute(value.path) != value.path:
+            updates["path"] = absolute(value.path)
+        if isinstance(value, DatasetRef) and value.hf and local(value.hf):
+            updates["hf"] = absolute(value.hf)
+        if isinstance(value, ModelRef) and value.source and local(value.source):
+            updates["source"] = absolute(value.source)
+        return value.model_copy(update=updates) if updates else value
+
+    fixed = fix(spec)
+    return fixed.model_copy(update={"work_dir": absolute(spec.work_dir)})
+
+
 def json_schema() -> dict:
     return PipelineSpec.model_json_schema()
