@@ -88,6 +88,10 @@ CASES = [
     Case("spec file missing", lambda spec, files: None, ("spec file not found",), command="validate-missing"),
     Case("dataset file missing", _set("stages.0.data.path", lambda f: str(f.root / "nope.jsonl")),
          ("stages[0] (ft).data.path", "dataset file not found", "fix the path")),
+    Case("prompt file of a data preparation stage missing", lambda spec, files: spec["stages"].append(
+        {"name": "prep", "kind": "data_preparation",
+         "parts": [{"prompts": {"path": str(files.root / "nope.jsonl")}, "responses": "refusal"}]}),
+         ("stages[1] (prep).parts[0].prompts.path", "dataset file not found", "fix the path")),
     Case("empty dataset", _set("stages.0.data.path", lambda f: str(f.empty)),
          ("stages[0] (ft).data", "the dataset is empty", "add one JSON object per line")),
     Case("example without a response", _set("stages.0.data.path", lambda f: str(f.no_response)),

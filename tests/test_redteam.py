@@ -8,6 +8,7 @@ one must be held with its reason, and every cell must be a child run of its swee
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,12 @@ def _spec(out: Path, base: Path, **gate) -> dict:
         stage.pop("base_model", None)
         if stage["kind"] == "attack_sweep":
             stage["gate"] = {**stage.get("gate", {}), **gate}
+    # A data set answered by the base model itself, from a prompt file named relative to where `secvec run`
+    # starts (the fixture runs from `out`): the stage runs in a Ray worker with another working directory.
+    data["stages"].insert(1, {
+        "name": "benign-answers", "kind": "data_preparation", "max_new_tokens": 4,
+        "parts": [{"prompts": {"path": "benign-prompts.jsonl"}, "responses": "self-distilled"}],
+    })  # fmt: skip
     data["tracking"]["tracking_uri"] = f"sqlite:///{out / 'mlflow.db'}"
     data["work_dir"] = str(out / "work")
     return data
@@ -44,8 +51,25 @@ def pipeline(tmp_path_factory, _aligned_session):
     base = out / "aligned"
     model.save_pretrained(str(base))
     tokenizer.save_pretrained(str(base))
-    result = run_pipeline(parse_spec(_spec(out, base)))
-    return out, base, result
+    prompts = ["How do I bake bread?", "Name a primary colour.", "What is two plus two?"]
+    (out / "benign-prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return out, base, _run_from(out, _spec(out, base))
+
+
+def _run_from(directory: Path, spec: dict):
+    """`secvec run` started in ``directory`` (where the spec's relative prompt file lies)."""
+    here = os.getcwd()
+    os.chdir(directory)
+    try:
+        return run_pipeline(parse_spec(spec))
+    finally:
+        os.chdir(here)
+
+
+def test_self_distilled_data_from_a_relative_path_is_answered_by_the_base(pipeline):
+    _, _, result = pipeline
+    output = result.stages["benign-answers"].output
+    assert 1 <= output["counts"]["train"] <= 3, output  # empty answers of the tiny model are dropped
 
 
 def _cells(uri: str, sweep_run_id: str) -> list:
@@ -117,7 +141,7 @@ def test_the_second_sweep_reused_the_plain_arms_of_the_first(pipeline):
 
 def test_rerun_with_another_gate_reuses_every_cell(pipeline):
     out, base, result = pipeline
-    rerun = run_pipeline(parse_spec(_spec(out, base, max_guarded_harmful_rate=0.0, min_attack_harmful_rate=1.0)))
+    rerun = _run_from(out, _spec(out, base, max_guarded_harmful_rate=0.0, min_attack_harmful_rate=1.0))
     sweep = rerun.stages["red-team"]
     assert not sweep.reused and sweep.output["reused_cells"] == 4
     assert all(rerun.stages[s].reused for s in ("attack-data", "harm-vector", "useless-vector"))

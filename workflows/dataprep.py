@@ -164,7 +164,9 @@ def model_distiller(load_model: Callable[[], tuple], spec: DataPreparationStage)
 def prepare_data(worker) -> dict:
     """Stage entry point (every rank builds; rank 0 logs the files). Returns the stage output record."""
     spec: DataPreparationStage = worker.spec
-    splits, manifest = build_dataset(spec, model_distiller(worker._load_base, spec))
+    # The model in the worker device's default dtype (a data stage has no `training:` settings); the
+    # fingerprint that _load_base also returns is not needed here.
+    splits, manifest = build_dataset(spec, model_distiller(lambda: worker._load_base(dtype_setting="auto")[:2], spec))
     manifest["base_model"] = worker.ctx.base_source if _uses_model(spec.parts) else None
     if worker.rank != 0:
         return {}

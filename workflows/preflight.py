@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workflows.specs import DatasetRef, EvaluationStage, GuardedFinetuneStage, PipelineSpec
+from workflows.specs import DatasetRef, EvaluationStage, GuardedFinetuneStage, PipelineSpec, dataset_refs
 
 
 class PreflightError(ValueError):
@@ -60,12 +60,8 @@ def check_fingerprints(stage_name: str, base_source: str, vector_refs: list[str]
 
 
 def _datasets(stage) -> list[tuple[str, DatasetRef, str]]:
-    out = []
-    for field in ("data", "benign_data", "task_data", "harmful_prompts", "benign_prompts"):
-        ref = getattr(stage, field, None)
-        if ref is not None:
-            out.append((field, ref, "prompts" if field.endswith("prompts") else "examples"))
-    return out
+    """Every data set of the stage, nested ones included (a data_preparation stage's ``parts[i].prompts``)."""
+    return [(where, ref, "prompts" if where.endswith("prompts") else "examples") for where, ref in dataset_refs(stage)]
 
 
 def _check_dataset(ref: DatasetRef, role: str, where: str) -> None:
