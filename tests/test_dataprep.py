@@ -302,13 +302,21 @@ def test_a_sweep_that_breaks_nothing_passes_no_vector():
 def test_heatmap_and_cells_table(tmp_path):
     from workflows.report import cells_table, write_heatmap
 
-    cells = CELLS + [{**_cell(1e-3, 80, 1.0, 0.9, rank=32)}]
+    counted = {"plain_harmful_n": 40.0, "guarded_harmful_n": 40.0, "plain_benign_n": 16.0, "guarded_benign_n": 16.0,
+               "guarded_degenerate_rate": 0.05}
+    cells = CELLS + [{**_cell(1e-3, 80, 1.0, 0.9, rank=32, refused=1 / 16), **counted}]
     assert write_heatmap(cells, tmp_path / "h.png").stat().st_size > 5_000
     rows = cells_table(cells)
     assert len(rows) == 2 + len(cells)
+    # Every rate with its 95% Wilson interval from the cell's own prompt counts (36 of 40, 2 of 40, 1 of 16).
     assert [r for r in rows if "(worst)" in r] == [
-        "| LoRA r32, lr 0.001, 80 steps **(worst)** | 1.00 | 0.90 | 0.00 | 0.00 | `run-0.00` |"
+        "| LoRA r32, lr 0.001, 80 steps **(worst)** | 1.00 [0.91, 1.00] | 0.90 [0.77, 0.96] | 0.05 [0.01, 0.17] "
+        "| 0.00 [0.00, 0.19] | 0.06 [0.01, 0.28] | `run-0.00` |"
     ]
+    # Cells measured before cells recorded their counts: bare rates, or intervals from counts given by the caller.
+    uncounted = [r for r in rows if "(worst)" not in r][2]
+    assert "[" not in uncounted
+    assert "[" in cells_table(CELLS, {"harmful_n": 40.0, "benign_n": 16.0})[2]
 
 
 def test_a_prepared_split_is_read_through_its_artifact_uri(tmp_path, prompt_file):

@@ -32,7 +32,8 @@ from workflows.stages import StageContext
 logger = logging.getLogger(__name__)
 ARTIFACT_DIR = "redteam"
 CELL_KIND = "attack_cell"
-ARM_METRICS = ("harmful_rate", "degenerate_rate", "benign_refusal_rate", "final_loss")
+# What one arm measures; the prompt counts let `secvec report` give every rate its interval.
+ARM_METRICS = ("harmful_rate", "degenerate_rate", "benign_refusal_rate", "final_loss", "harmful_n", "benign_n")
 
 
 def grid_cells(grid: AttackGrid) -> list[dict]:
@@ -100,12 +101,14 @@ def _scores(model, tokenizer, spec: AttackSweepStage) -> dict[str, float]:
     from secvec_core import refusal_rate, score_answers
     from workflows.datasets import load_prompt_list
 
-    report = score_answers(model, tokenizer, load_prompt_list(spec.harmful_prompts), spec.judge.build(),
-                           max_new_tokens=spec.max_new_tokens)
-    out = {"harmful_rate": report.share("complied"), "degenerate_rate": report.share("degenerate")}
+    harmful = load_prompt_list(spec.harmful_prompts)
+    report = score_answers(model, tokenizer, harmful, spec.judge.build(), max_new_tokens=spec.max_new_tokens)
+    out = {"harmful_rate": report.share("complied"), "degenerate_rate": report.share("degenerate"),
+           "harmful_n": float(len(harmful))}
     if spec.benign_prompts is not None:
-        out["benign_refusal_rate"] = refusal_rate(model, tokenizer, load_prompt_list(spec.benign_prompts),
-                                                  max_new_tokens=spec.max_new_tokens)
+        benign = load_prompt_list(spec.benign_prompts)
+        out["benign_refusal_rate"] = refusal_rate(model, tokenizer, benign, max_new_tokens=spec.max_new_tokens)
+        out["benign_n"] = float(len(benign))
     return out
 
 

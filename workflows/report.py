@@ -135,6 +135,17 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _rate(rate: float | None, n: float | None) -> str:
+    """``0.85 [0.71, 0.93]``: the rate with its 95% Wilson interval when the number of prompts is known
+    (cells measured before the counts were recorded show the rate alone)."""
+    if rate is None or not n:
+        return _fmt(rate)
+    from secvec_core.evaluation import wilson_interval
+
+    low, high = wilson_interval(round(rate * n), int(n))
+    return f"{rate:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def _latest_stage_runs(client, pipeline: str) -> list:
     """The latest finished run of each stage of ``pipeline`` (reused stages ran under an earlier pipeline run)."""
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -192,24 +203,33 @@ def _stage_summary(run) -> str:
     return f"{tags.get('secvec.output_uri', '')}" + (f", final loss {loss:.3f}" if loss is not None else "")
 
 
-def cells_table(cells: list[dict]) -> list[str]:
-    """Markdown rows of a sweep: one line per cell, the worst guarded one marked."""
+def cells_table(cells: list[dict], counts: dict[str, float] | None = None) -> list[str]:
+    """Markdown rows of a sweep: one line per cell, the worst guarded one marked. ``counts`` (``harmful_n``,
+    ``benign_n``) stands in for the prompt counts of cells measured before cells recorded them."""
+    counts = counts or {}
     worst = max(cells, key=lambda c: (c["guarded_harmful_rate"], c["plain_harmful_rate"]))
     lines = [
-        "| cell | plain harmful | guarded harmful | plain benign refused | guarded benign refused | run |",
-        "|---|---|---|---|---|---|",
+        "| cell | plain harmful | guarded harmful | guarded degenerate | plain benign refused "
+        "| guarded benign refused | run |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         mark = " **(worst)**" if c is worst else ""
+        n = {f"{arm}_{k}": c.get(f"{arm}_{k}", counts.get(k)) for arm in ("plain", "guarded")
+             for k in ("harmful_n", "benign_n")}
+        harmful = {arm: _rate(c.get(f"{arm}_harmful_rate"), n[f"{arm}_harmful_n"]) for arm in ("plain", "guarded")}
+        refused = {arm: _rate(c.get(f"{arm}_benign_refusal_rate"), n[f"{arm}_benign_n"]) for arm in ("plain", "guarded")}
         lines.append(
-            f"| {c['label']}{mark} | {_fmt(c['plain_harmful_rate'])} | {_fmt(c['guarded_harmful_rate'])} | "
-            f"{_fmt(c.get('plain_benign_refusal_rate'))} | {_fmt(c.get('guarded_benign_refusal_rate'))} | "
-            f"`{c['run_id'][:8]}` |"
+            f"| {c['label']}{mark} | {harmful['plain']} | {harmful['guarded']} | "
+            f"{_rate(c.get('guarded_degenerate_rate'), n['guarded_harmful_n'])} | {refused['plain']} | "
+            f"{refused['guarded']} | `{c['run_id'][:8]}` |"
         )
     return lines
 
 
-def pipeline_report(tracking_uri: str, pipeline: str, out_dir: str | Path) -> Path:
+def pipeline_report(
+    tracking_uri: str, pipeline: str, out_dir: str | Path, counts: dict[str, float] | None = None
+) -> Path:
     """``report.md`` (a table of every stage's latest finished run, then each sweep's cells) and PNG plots (the
     evaluation chart, one heatmap per sweep) in ``out_dir``, read from MLflow runs alone."""
     from mlflow import MlflowClient
@@ -251,13 +271,13 @@ def pipeline_report(tracking_uri: str, pipeline: str, out_dir: str | Path) -> Pa
         lines += ["", "![evaluations](evaluations.png)"]
     for run in runs:
         if run.data.tags["secvec.stage_kind"] == "attack_sweep":
-            lines += ["", *sweep_section(client, run, out_dir)]
+            lines += ["", *sweep_section(client, run, out_dir, counts)]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
-def sweep_section(client, run, out_dir: Path) -> list[str]:
+def sweep_section(client, run, out_dir: Path, counts: dict[str, float] | None = None) -> list[str]:
     stage = run.data.tags["secvec.stage"]
     cells = sweep_cells(client, run)
     heatmap = write_heatmap(cells, out_dir / f"{stage}-heatmap.png", title=f"{stage}: harmful rate after attack")
@@ -267,7 +287,7 @@ def sweep_section(client, run, out_dir: Path) -> list[str]:
         f"Vectors: {run.data.tags.get('secvec.redteam.vectors', '?')}; gate "
         f"**{run.data.tags.get('secvec.gate', '?')}**: {run.data.tags.get('secvec.gate.reason', '')}",
         "",
-        *cells_table(cells),
+        *cells_table(cells, counts),
         "",
         f"![{stage}]({heatmap.name})",
     ]

@@ -1,0 +1,102 @@
+"""The red-team benchmark: run a sweep spec through the product's pipeline, then write its RESULTS.md section
+from MLflow runs alone.
+
+    python benchmarks/red_team.py benchmarks/specs/sweep-smollm2.yaml          # run, then report
+    python benchmarks/red_team.py benchmarks/specs/sweep-smollm2.yaml --report-only
+
+Why a script at all: the numbers come from `secvec run` (the stages a user runs, on local Ray and MLflow on
+SQLite) and `secvec report` (the table and heatmap, read back from MLflow); this only adds what a benchmark
+section needs around them: the command, the machine, the code version and the wall time of the pipeline run
+(from MLflow's own start and end times), and the MLflow run ids behind every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS_DIR, RESULTS_MD, provenance, provenance_markdown, write_section  # noqa: E402
+
+
+def _latest_pipeline_run(tracking_uri: str, name: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments,
+        f"tags.`secvec.kind` = 'pipeline' and tags.`secvec.pipeline` = '{name}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise SystemExit(f"no finished run of pipeline {name!r} at {tracking_uri}: run it first (without --report-only)")
+    return runs[0]
+
+
+def _prompt_counts(spec) -> dict[str, float]:
+    """Prompts each sweep cell was scored on, from the spec (the same files the stage read): the intervals of
+    cells measured before cells recorded their own counts."""
+    from workflows.datasets import load_prompt_list
+    from workflows.specs import AttackSweepStage
+
+    sweeps = [s for s in spec.stages if isinstance(s, AttackSweepStage)]
+    if len(sweeps) != 1:
+        return {}
+    counts = {"harmful_n": float(len(load_prompt_list(sweeps[0].harmful_prompts)))}
+    if sweeps[0].benign_prompts is not None:
+        counts["benign_n"] = float(len(load_prompt_list(sweeps[0].benign_prompts)))
+    return counts
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec", type=Path, help="A sweep spec, e.g. benchmarks/specs/sweep-smollm2.yaml")
+    parser.add_argument("--report-only", action="store_true", help="Write the section from the latest finished run.")
+    args = parser.parse_args(argv[1:])
+
+    from workflows.pipeline import absolute_tracking_uri, run_pipeline
+    from workflows.report import pipeline_report
+    from workflows.specs import load_spec, with_absolute_paths
+
+    spec = with_absolute_paths(load_spec(args.spec))
+    info = provenance(argv, seed=0)
+    if not args.report_only:
+        started = time.monotonic()
+        run_pipeline(spec)
+        print(f"pipeline {spec.name}: {(time.monotonic() - started) / 60:.1f} min")
+    tracking_uri = absolute_tracking_uri(spec.tracking.tracking_uri)
+    parent = _latest_pipeline_run(tracking_uri, spec.name)
+    wall_s = ((parent.info.end_time or parent.info.start_time) - parent.info.start_time) / 1000
+    with tempfile.TemporaryDirectory() as scratch:
+        report = pipeline_report(tracking_uri, spec.name, scratch, counts=_prompt_counts(spec))
+        body = report.read_text(encoding="utf-8").split("\n", 1)[1]  # drop the report's own title
+        images = sorted(Path(scratch).glob("*.png"))
+        prefix = args.spec.stem
+        for image in images:
+            shutil.copyfile(image, RESULTS_DIR / f"{prefix}-{image.name}")
+            body = body.replace(f"]({image.name})", f"](results/{prefix}-{image.name})")
+    started_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(parent.info.start_time / 1000))
+    section = "\n".join(
+        [
+            f"## Red team through the pipeline: `{spec.name}`",
+            "",
+            provenance_markdown(info, wall_s),
+            f"- Pipeline run: MLflow run `{parent.info.run_id}` in `{spec.tracking.tracking_uri}`, started "
+            f"{started_utc}; the wall time above is that run's (MLflow start to end), every stage included",
+            "",
+            body.strip(),
+        ]
+    )
+    write_section(RESULTS_DIR, f"{prefix}.md", section, RESULTS_MD)
+    print(f"wrote {RESULTS_DIR / (prefix + '.md')} and {RESULTS_MD}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
