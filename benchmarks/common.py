@@ -18,6 +18,8 @@ RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 SECTION_ORDER = (
     "effectiveness-smollm2.md",
     "analysis-smollm2.md",  # written by hand after reading the run
+    "sweep-smollm2.md",  # benchmarks/red_team.py: the red-team sweep through the pipeline
+    "analysis-sweep-smollm2.md",  # written by hand after reading the sweep
     "effectiveness-smollm2-quick.md",
     "overhead-smollm2.md",
     "overhead-tiny.md",
@@ -27,7 +29,8 @@ SECTION_ORDER = (
 
 HEADER = """# Benchmark results
 
-Produced by `benchmarks/effectiveness.py` (the paper's table, reproduced) and `benchmarks/overhead.py`
+Produced by `benchmarks/effectiveness.py` (the paper's table, reproduced), `benchmarks/red_team.py` (a
+red-team sweep run through the pipeline, `secvec run`, and reported from MLflow) and `benchmarks/overhead.py`
 (cost of the guard). Each section below was written by one run of a script and names the exact command,
 date, machine, seeds and code version that produced it; rerun the command to reproduce it. Sections
 are replaced by the next run of the same command, and this file is reassembled from

@@ -83,13 +83,14 @@ def main(argv: list[str]) -> None:
             shutil.copyfile(image, RESULTS_DIR / f"{prefix}-{image.name}")
             body = body.replace(f"]({image.name})", f"](results/{prefix}-{image.name})")
     started_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(parent.info.start_time / 1000))
+    ran_at = parent.data.tags.get("secvec.git_commit") or "not recorded (runs before the secvec.git_commit tag)"
     section = "\n".join(
         [
             f"## Red team through the pipeline: `{spec.name}`",
             "",
-            provenance_markdown(info, wall_s),
+            provenance_markdown(info, wall_s).replace("- Command:", "- Section written by:", 1),
             f"- Pipeline run: MLflow run `{parent.info.run_id}` in `{spec.tracking.tracking_uri}`, started "
-            f"{started_utc}; the wall time above is that run's (MLflow start to end), every stage included",
+            f"{started_utc}, code `{ran_at}`; the wall time above is that run's (MLflow start to end, every stage)",
             "",
             body.strip(),
         ]

@@ -157,3 +157,14 @@ def test_report_builds_the_table_and_plots_from_mlflow_alone(pipeline, tmp_path)
     assert "| red-team |" in text and "worst guarded cell" in text and "held" in text
     assert "LoRA r8, lr 0.003, 100 steps" in text
     assert (tmp_path / "red-team-heatmap.png").stat().st_size > 5_000
+
+
+def test_pipeline_run_records_the_code_that_produced_it(pipeline):
+    """RESULTS.md names the code of each benchmark run from MLflow alone (benchmarks/red_team.py)."""
+    import re
+
+    _, _, result = pipeline
+    tags = MlflowClient(result.tracking_uri).get_run(result.parent_run_id).data.tags
+    assert tags["secvec.version"]
+    if (Path(__file__).resolve().parents[1] / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["secvec.git_commit"]), tags

@@ -55,6 +55,28 @@ class PipelineResult:
     tracking_uri: str = ""
 
 
+def code_version_tags() -> dict[str, str]:
+    """``secvec.version`` (the installed package) and, when secvec runs from a git checkout,
+    ``secvec.git_commit`` (``-dirty`` with uncommitted changes): which code produced a pipeline's numbers,
+    readable from MLflow alone (benchmarks/red_team.py puts it in RESULTS.md)."""
+    import subprocess
+    from importlib import metadata
+
+    try:
+        tags = {"secvec.version": metadata.version("secvec")}
+    except metadata.PackageNotFoundError:
+        tags = {}
+    source = Path(__file__).resolve().parent.parent
+    try:
+        git = ["git", "-C", str(source)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return tags  # an installed package or an image: the version says it
+    return {**tags, "secvec.git_commit": commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")}
+
+
 def absolute_tracking_uri(uri: str, base: Path | None = None) -> str:
     """Make a relative ``sqlite:///`` path absolute, so Ray workers (other cwd) use the same database."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -173,7 +195,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
         end_orphaned_ray()  # its Ray processes, before its workers' scratch folders can be unlocked
     remove_stale_scratch()
     parent = StageRun(tracking_uri, experiment_id, f"pipeline/{spec.name}", None,
-                      {"secvec.pipeline": spec.name, "secvec.kind": "pipeline", **owner_tags()})
+                      {"secvec.pipeline": spec.name, "secvec.kind": "pipeline", **owner_tags(), **code_version_tags()})
     heartbeat = Heartbeat(tracking_uri)
     heartbeat.hold(parent.run_id)
     result = PipelineResult(spec=spec, parent_run_id=parent.run_id, tracking_uri=tracking_uri)
