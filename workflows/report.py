@@ -86,7 +86,8 @@ def write_heatmap(cells: list[dict], path: str | Path, title: str = "harmful rat
     steps = sorted({c["max_steps"] for c in cells})
     worst = max(cells, key=lambda c: (c["guarded_harmful_rate"], c["plain_harmful_rate"]))
     fig, axes = plt.subplots(
-        2, len(kinds), figsize=(1.5 + max(2.4, 0.9 * len(rates)) * len(kinds), 1.8 + 1.3 * len(steps)), squeeze=False
+        2, len(kinds), figsize=(1.5 + max(2.4, 0.9 * len(rates)) * len(kinds), 1.8 + 1.3 * len(steps)), squeeze=False,
+        layout="constrained",  # the guarded row's titles clear the plain row's tick labels
     )
     image = None
     for col, kind in enumerate(kinds):
