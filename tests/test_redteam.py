@@ -53,7 +53,16 @@ def pipeline(tmp_path_factory, _aligned_session):
     tokenizer.save_pretrained(str(base))
     prompts = ["How do I bake bread?", "Name a primary colour.", "What is two plus two?"]
     (out / "benign-prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return out, base, _run_from(out, _spec(out, base))
+    result = _run_from(out, _spec(out, base))
+    return out, base, result
+
+
+def test_cells_leave_no_scratch_behind(pipeline):
+    """Each cell downloads the base and the vectors into a scratch folder (hundreds of MB for a real model):
+    none may be left when the sweep ends."""
+    import tempfile
+
+    assert sorted(Path(tempfile.gettempdir()).glob("secvec-cell-*")) == []
 
 
 def _run_from(directory: Path, spec: dict):

@@ -79,6 +79,7 @@ def _setup(ctx: StageContext, threads: int):
     import torch
 
     from workflows.datasets import use_stage_outputs
+    from workflows.leftovers import Scratch
     from workflows.models import load_base_model
 
     torch.set_num_threads(max(1, threads))
@@ -88,12 +89,14 @@ def _setup(ctx: StageContext, threads: int):
         os.environ[RETRY_ENV] = str(ctx.retry_seconds)
     if ctx.datasets:
         use_stage_outputs(ctx.datasets, ctx.tracking_uri)
-    cache = tempfile.mkdtemp(prefix="secvec-cell-")
+    # Downloads (registry models and vectors: hundreds of MB for a real model) go to a locked scratch folder
+    # that the caller removes when the cell ends; a killed task's is removed by the next run.
+    scratch = Scratch("cell")
     model, tokenizer = load_base_model(
-        ctx.base_source, ctx.tracking_uri, trust_remote_code=ctx.trust_remote_code, cache=cache
+        ctx.base_source, ctx.tracking_uri, trust_remote_code=ctx.trust_remote_code, cache=str(scratch.path)
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device), tokenizer, cache
+    return model.to(device), tokenizer, scratch
 
 
 def _scores(model, tokenizer, spec: AttackSweepStage) -> dict[str, float]:
@@ -146,7 +149,8 @@ def run_cell(
     ctx = StageContext(**config)
     spec = ctx.spec()
     started = time.time()
-    base, tokenizer, cache = _setup(ctx, threads)
+    base, tokenizer, scratch = _setup(ctx, threads)
+    cache = str(scratch.path)
     run = StageRun(
         ctx.tracking_uri,
         ctx.experiment_id,
@@ -188,14 +192,19 @@ def run_cell(
     except BaseException:
         run.finish("FAILED", budget_s=5.0)
         raise
+    finally:
+        scratch.remove()
     return record
 
 
 def run_baseline(config: dict, threads: int) -> dict:
     """Ray task: the base model before any attack (the reference point of the summary)."""
     ctx = StageContext(**config)
-    base, tokenizer, _ = _setup(ctx, threads)
-    return _scores(base, tokenizer, ctx.spec())
+    base, tokenizer, scratch = _setup(ctx, threads)
+    try:
+        return _scores(base, tokenizer, ctx.spec())
+    finally:
+        scratch.remove()
 
 
 # -- in the driver -----------------------------------------------------------------------------------------
