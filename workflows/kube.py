@@ -389,7 +389,7 @@ def patch_template(template: Mapping[str, Any], operations: Any) -> dict[str, An
     if not isinstance(operations, list) or not all(isinstance(op, Mapping) for op in operations):
         raise ValueError("a template patch must be a list of JSON patch operations (RFC 6902), e.g. [] for none")
     try:
-        return jsonpatch.apply_patch(copy.deepcopy(dict(template)), operations)
+        return jsonpatch.apply_patch(dict(template), operations)  # copies: the template is left alone
     except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as error:
         raise ValueError(f"the template patch does not apply: {error}") from error
 
