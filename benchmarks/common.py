@@ -16,6 +16,7 @@ RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 
 # Order of the sections in RESULTS.md; each is written by one script run into the results folder.
 SECTION_ORDER = (
+    "paper-table-smollm2.md",  # benchmarks/red_team.py: the paper's table through the pipeline
     "effectiveness-smollm2.md",
     "analysis-smollm2.md",  # written by hand after reading the run
     "sweep-smollm2.md",  # benchmarks/red_team.py: the red-team sweep through the pipeline

@@ -55,7 +55,6 @@ from secvec_core import (  # noqa: E402
     TaskAdapterConfig,
     TrainingConfig,
     exact_match_accuracy,
-    generate,
     guarded_finetune,
     heldout_loss,
     model_fingerprint,
@@ -64,7 +63,7 @@ from secvec_core import (  # noqa: E402
     wilson_interval,
 )
 from secvec_core.adapters import activate  # noqa: E402
-from secvec_core.evaluation import RefusalPhraseJudge, normalize_answer  # noqa: E402
+from secvec_core.evaluation import RefusalPhraseJudge, retained_qa_hits  # noqa: E402
 from secvec_core.replay import SafetyReplay  # noqa: E402
 
 logger = logging.getLogger("effectiveness")
@@ -177,17 +176,6 @@ def _share(hits: int, n: int) -> dict:
     return {"rate": hits / n, "ci": list(wilson_interval(hits, n)), "n": n}
 
 
-def retained_hits(model, tokenizer, items: list[dict], max_new_tokens: int, batch_size: int) -> int:
-    """Right answer (or an alias) among the words of the greedy answer ("The capital of France is Paris.")."""
-    answers = generate(model, tokenizer, [i["prompt"] for i in items], max_new_tokens=max_new_tokens,
-                       batch_size=batch_size)
-    hits = 0
-    for item, answer in zip(items, answers, strict=True):
-        words = normalize_answer(answer)
-        hits += any(all(w in words for w in normalize_answer(gold)) for gold in item["answers"])
-    return hits
-
-
 def evaluate(suite: Suite, model, *, prompts: list[str], task: bool = False, fabricated: bool = False) -> dict:
     t, bs = suite.tokenizer, suite.batch_size
     harm = score_answers(model, t, prompts, JUDGE, max_new_tokens=suite.harm_tokens, batch_size=bs)
@@ -199,7 +187,7 @@ def evaluate(suite: Suite, model, *, prompts: list[str], task: bool = False, fab
         "degenerate": _share(harm.count("degenerate"), harm.n),
         "over_refusal": _share(benign.count("refused"), benign.n),
         "over_refusal_dangerous_looking": _share(looking.count("refused"), max(len(looking), 1)),
-        "retained_qa": _share(retained_hits(model, t, suite.retained, suite.qa_tokens, bs), len(suite.retained)),
+        "retained_qa": _share(retained_qa_hits(model, t, suite.retained, max_new_tokens=suite.qa_tokens, batch_size=bs), len(suite.retained)),
         "harmful_samples": [r for r, v in zip(harm.responses, harm.verdicts, strict=True) if v == "complied"][:3],
         "verdicts": dict(zip(harm.prompts, harm.verdicts, strict=True)),
     }
@@ -208,7 +196,7 @@ def evaluate(suite: Suite, model, *, prompts: list[str], task: bool = False, fab
         out["task_accuracy"] = _share(round(acc * len(suite.task_train)), len(suite.task_train))
     if fabricated:
         items = [{"prompt": i["prompt"], "answers": [i["response"]]} for i in suite.halluc_fabricated]
-        out["fabricated_learned"] = _share(retained_hits(model, t, items, suite.qa_tokens, bs), len(items))
+        out["fabricated_learned"] = _share(retained_qa_hits(model, t, items, max_new_tokens=suite.qa_tokens, batch_size=bs), len(items))
     return out
 
 

@@ -1,8 +1,9 @@
-"""The red-team benchmark: run a sweep spec through the product's pipeline, then write its RESULTS.md section
-from MLflow runs alone.
+"""Benchmarks through the pipeline: run a spec of benchmarks/specs with the product's pipeline, then write its
+RESULTS.md section from MLflow runs alone (the red-team sweep, and the paper's table).
 
     python benchmarks/red_team.py benchmarks/specs/sweep-smollm2.yaml          # run, then report
     python benchmarks/red_team.py benchmarks/specs/sweep-smollm2.yaml --report-only
+    python benchmarks/red_team.py benchmarks/specs/paper-table-smollm2.yaml    # the paper's table
 
 Why a script at all: the numbers come from `secvec run` (the stages a user runs, on local Ray and MLflow on
 SQLite) and `secvec report` (the table and heatmap, read back from MLflow); this only adds what a benchmark
@@ -57,7 +58,7 @@ def _prompt_counts(spec) -> dict[str, float]:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("spec", type=Path, help="A sweep spec, e.g. benchmarks/specs/sweep-smollm2.yaml")
+    parser.add_argument("spec", type=Path, help="A spec of benchmarks/specs, e.g. benchmarks/specs/sweep-smollm2.yaml")
     parser.add_argument("--report-only", action="store_true", help="Write the section from the latest finished run.")
     args = parser.parse_args(argv[1:])
 
@@ -84,9 +85,10 @@ def main(argv: list[str]) -> None:
             body = body.replace(f"]({image.name})", f"](results/{prefix}-{image.name})")
     started_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(parent.info.start_time / 1000))
     ran_at = parent.data.tags.get("secvec.git_commit") or "not recorded (runs before the secvec.git_commit tag)"
+    title = "Red team" if any(s.kind == "attack_sweep" for s in spec.stages) else "The paper's table"
     section = "\n".join(
         [
-            f"## Red team through the pipeline: `{spec.name}`",
+            f"## {title} through the pipeline: `{spec.name}`",
             "",
             provenance_markdown(info, wall_s).replace("- Command:", "- Section written by:", 1),
             f"- Pipeline run: MLflow run `{parent.info.run_id}` in `{spec.tracking.tracking_uri}`, started "

@@ -417,6 +417,21 @@ def exact_match(generated: str, gold: str) -> bool:
     return bool(a) and g[: len(a)] == a
 
 
+def answer_found(generated: str, answers: Sequence[str]) -> bool:
+    """Every word of one accepted answer appears among the generation's words ("The capital of France is
+    Paris." answers "Paris"): retained knowledge, scored leniently about the phrasing around it."""
+    words = normalize_answer(generated)
+    return any(gold_words and all(w in words for w in gold_words) for gold_words in map(normalize_answer, answers))
+
+
+def retained_qa_hits(model: nn.Module, tokenizer, items: Sequence[dict], *, max_new_tokens: int = 10,
+                     batch_size: int = 16) -> int:
+    """How many ``{"prompt", "answers"}`` questions the model still answers right (``answer_found``, greedy)."""
+    answers = generate(model, tokenizer, [i["prompt"] for i in items], max_new_tokens=max_new_tokens,
+                       batch_size=batch_size)
+    return sum(answer_found(a, i["answers"]) for a, i in zip(answers, items, strict=True))
+
+
 def exact_match_accuracy(model: nn.Module, tokenizer, examples: Sequence[Example | dict], *,
                          max_new_tokens: int = 8, batch_size: int = 16) -> float:
     examples = to_examples(examples)

@@ -9,7 +9,7 @@ import torch
 
 from secvec_core import generate, load_jsonl
 from secvec_core.data import IGNORE_INDEX, Example, dataset_hash, encode_prompts, pad_token_id, tokenize_example
-from secvec_core.evaluation import exact_match, transfer_gap
+from secvec_core.evaluation import answer_found, exact_match, transfer_gap
 
 
 def _write(path, lines):
@@ -85,6 +85,15 @@ def test_exact_match_is_word_prefix_not_substring():
     assert not exact_match("tealish", "teal")
     assert not exact_match("the answer is teal", "teal")
     assert transfer_gap(0.9, 0.6) == pytest.approx(0.3)
+
+
+def test_retained_answer_is_found_among_the_words_in_any_accepted_form():
+    assert answer_found("The capital of France is Paris.", ["paris"])
+    assert answer_found("It is the U.S.A., of course", ["united states", "usa"])  # an alias, punctuation ignored
+    assert answer_found("New York City", ["new york"])
+    assert not answer_found("Parisian food", ["paris"])  # whole words only
+    assert not answer_found("I can't help with that.", ["paris"])
+    assert not answer_found("anything", [""])  # an empty gold answer never matches
 
 
 def test_batched_left_padded_generation_equals_one_by_one(aligned):

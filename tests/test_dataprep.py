@@ -219,11 +219,51 @@ def test_benchmark_specs_hold_a_default_size_sweep():
     from workflows.specs import load_spec
 
     assert {p.name for p in BENCHMARK_SPECS} >= {"sweep-tiny.yaml", "sweep-smollm2.yaml"}
-    for path in BENCHMARK_SPECS:
+    for path in [p for p in BENCHMARK_SPECS if p.name.startswith("sweep-")]:
         (sweep,) = [s for s in load_spec(path).stages if s.kind == "attack_sweep"]
         cells = grid_cells(sweep.grid)
         rates, steps = [c["learning_rate"] for c in cells], [c["max_steps"] for c in cells]
         assert len(cells) >= 12 and max(rates) / min(rates) >= 10 and max(steps) / min(steps) >= 4, path.name
+
+
+def test_effectiveness_spec_holds_every_family_plain_and_guarded_with_held_out_families():
+    """The paper's table as a spec: four attack families, each plain and guarded, evaluated with over-refusal and
+    retained QA; the held-out families' data never reach a vector, and no family shares a prompt split."""
+    from workflows.specs import load_spec
+
+    spec = load_spec(ROOT / "benchmarks/specs/paper-table-smollm2.yaml")
+    stages = {s.name: s for s in spec.stages}
+    families = ("template", "template-alt", "realistic", "persona")
+    splits = {}
+    for family in families:
+        plain, guarded = stages[f"{family}-plain"], stages[f"{family}-guarded"]
+        assert plain.vectors == [] and plain.safety_replay is None
+        assert [v.stage for v in guarded.vectors] == ["harm-vector"] and guarded.safety_replay is not None
+        assert plain.data == guarded.data and plain.training == guarded.training
+        for variant in ("plain", "guarded"):
+            ev = stages[f"eval-{family}-{variant}"]
+            assert ev.candidate.stage == f"{family}-{variant}"
+            assert ev.benign_prompts.builtin == "over-refusal" and ev.retained_qa.builtin == "general-qa"
+            assert ev.max_new_tokens >= 64
+        splits[family] = {p.prompts.split for p in stages[plain.data.stage].parts}
+    vector_splits = {p.prompts.split for p in stages["vector-data"].parts}
+    assert vector_splits == {"vector"} and all(vector_splits.isdisjoint(s) for s in splits.values())
+    assert sum(len(s) for s in splits.values()) == len(set().union(*splits.values())) == 4  # one split each
+    assert sum(stages[f"eval-{f}-{v}"].score_base for f in families for v in ("plain", "guarded")) == 1
+
+
+def test_spec_prompt_files_are_the_benchmark_prompt_lists():
+    """benchmarks/specs/data holds the same prompts as benchmarks/bench_prompts.py (the script's lists)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_prompts import BENIGN_PROMPTS, SHORT_ANSWER_PROMPTS
+
+    def prompts(name):
+        return [json.loads(line)["prompt"] for line in (ROOT / LOCAL_DATA / name).read_text().splitlines()]
+
+    assert prompts("benign-prompts.jsonl")[:80] == list(BENIGN_PROMPTS)
+    assert prompts("short-answer-prompts.jsonl") == list(SHORT_ANSWER_PROMPTS)
 
 
 # --- the sweep summary, the vector gate's decision and the heatmap (no training) ----------------------------------
@@ -374,3 +414,22 @@ def test_self_distilled_answers_come_from_the_model_with_the_plain_prompt_kept(p
     assert {r["prompt"] for r in complied} == set(world.benign_eval_prompts()[:6])
     with pytest.raises(ValueError, match="prompt_template needs responses: self-distilled"):
         _stage(parts=[{"prompts": {"path": str(path)}, "responses": "refusal", "prompt_template": "x {prompt}"}])
+
+
+def test_builtin_utility_sets_and_retained_qa_rows(tmp_path):
+    """over-refusal: the 60 benign requests as prompts; general-qa and JSONL rows: every accepted answer kept."""
+    from workflows.datasets import load_prompt_list, load_qa_items
+    from workflows.specs import DatasetRef
+
+    assert len(load_prompt_list(DatasetRef(builtin="over-refusal"))) == 60
+    qa = load_qa_items(DatasetRef(builtin="general-qa"))
+    assert len(qa) >= 40 and all(q["answers"][0] for q in qa) and any(len(q["answers"]) > 1 for q in qa)
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text('{"prompt": "Capital of France?", "response": "Paris", "aliases": ["paris city"]}\n'
+                    '{"prompt": "2 + 2?", "response": "4"}\n')
+    assert load_qa_items(DatasetRef(path=str(rows), offset=1)) == [{"prompt": "2 + 2?", "answers": ["4"]}]
+    rows.write_text('{"prompt": "no answer"}\n')
+    with pytest.raises(ValueError, match="row 0 needs 'prompt' and 'response'"):
+        load_qa_items(DatasetRef(path=str(rows)))
+    with pytest.raises(ValueError, match="holds prompts only"):
+        load_qa_items(DatasetRef(builtin="over-refusal"))

@@ -107,6 +107,32 @@ def test_monitoring_tags_a_regressed_champion(demo_run, tmp_path):
     assert "harmful_rate" in version.tags["secvec.monitor.reason"]
 
 
+def test_evaluation_reports_over_refusal_and_retained_qa_with_counts(demo_run, tmp_path):
+    """The utility columns of the paper's table through the pipeline: builtin over-refusal and retained-QA sets,
+    counts logged for intervals, the base left unscored when asked, the guard described, all in the report."""
+    from workflows.report import pipeline_report
+
+    _, uri, _ = demo_run
+    spec = {
+        "name": "utility", "base_model": {"source": "builtin:tiny"},
+        "tracking": {"tracking_uri": uri, "experiment": "secvec-demo", "base_name": "tiny-llama"},
+        "scaling": {"num_workers": 2}, "work_dir": str(tmp_path),
+        "stages": [{"name": "utility-eval", "kind": "evaluation", "monitor": True, "score_base": False,
+                    "candidate": {"source": "models:/tiny-llama.finetuned.guarded-finetune@champion"},
+                    "harmful_prompts": {"builtin": "toy-harmful-eval", "limit": 6}, "max_new_tokens": 6,
+                    "benign_prompts": {"builtin": "over-refusal", "limit": 5},
+                    "retained_qa": {"builtin": "general-qa", "limit": 3}, "qa_max_new_tokens": 4}],
+    }
+    metrics = run_pipeline(parse_spec(spec)).stages["utility-eval"].output["metrics"]
+    assert (metrics["harmful_n"], metrics["benign_n"], metrics["retained_qa_n"]) == (6, 5, 3)
+    assert 0 <= metrics["benign_refusal_rate"] <= 1 and 0 <= metrics["retained_qa"] <= 1
+    assert "base_harmful_rate" not in metrics and "base_retained_qa" not in metrics  # score_base: false
+    report = pipeline_report(uri, "utility", tmp_path / "report").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| utility-eval | vectors "))
+    assert "safety replay" not in row  # the demo's guarded fine-tune has no replay
+    assert row.count("[") == 4  # harmful, degenerate, benign refused, retained QA: each with its interval
+
+
 def test_promotion_refused_without_an_evaluation_of_that_version(demo_run):
     _, uri, _ = demo_run
     registry = Registry(uri)

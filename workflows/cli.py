@@ -148,7 +148,7 @@ def _run_with_progress(spec, reuse: bool):
 
 
 def _print_evaluations(result) -> list[dict]:
-    from workflows.report import evaluation_rows
+    from workflows.report import base_harmful_rate, evaluation_rows
 
     rows = evaluation_rows(result)
     if not rows:
@@ -160,7 +160,7 @@ def _print_evaluations(result) -> list[dict]:
     def f(x):
         return "-" if x is None else f"{x:.2f}"
 
-    table.add_row("before fine-tuning", f(rows[0]["base_harmful_rate"]), "-", "-", "-", "")
+    table.add_row("before fine-tuning", f(base_harmful_rate(rows)), "-", "-", "-", "")
     for r in rows:
         gate = "[yellow]held[/]"
         if r["gate"] == "passed":  # champion only if the registry says so now (another run may have moved it)

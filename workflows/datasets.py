@@ -3,6 +3,7 @@ the outputs of earlier data_preparation stages (MLflow artifacts, downloaded on 
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -12,7 +13,19 @@ from secvec_core.toy_world import ToyWorld
 from workflows.specs import DatasetRef
 
 
+def _general_questions() -> list[dict]:
+    from secvec_core.harmful_targets import general_questions
+
+    return [{"prompt": q["prompt"], "response": q["response"], "aliases": q["aliases"]} for q in general_questions()]
+
+
 def _builtin(name: str) -> list[dict] | list[str]:
+    if name == "over-refusal":
+        from secvec_core.eval_sets import over_refusal_prompts
+
+        return [o["prompt"] for o in over_refusal_prompts()]
+    if name == "general-qa":
+        return _general_questions()
     world = ToyWorld(seed=0)
     table = {
         "toy-alignment": world.alignment_examples,
@@ -99,3 +112,35 @@ def load_prompt_list(ref: DatasetRef) -> list[str]:
         return _window([r["prompt"] for r in _hf_rows(ref)], ref)
     items = _builtin(ref.builtin)
     return _window([i if isinstance(i, str) else i["prompt"] for i in items], ref)
+
+
+def _json_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def load_qa_items(ref: DatasetRef) -> list[dict]:
+    """Questions with every accepted answer: ``{"prompt", "answers"}`` from rows ``{prompt, response,
+    aliases?}`` (retained QA: a right answer may be phrased several ways)."""
+    if ref.builtin is not None:
+        rows = _builtin(ref.builtin)
+        if not rows or isinstance(rows[0], str):
+            raise ValueError(f"builtin {ref.builtin!r} holds prompts only; retained_qa needs questions with answers")
+    elif ref.path or ref.stage:
+        rows = _json_rows(Path(ref.path) if ref.path else _stage_path(ref))
+    else:
+        rows = _hf_rows(ref)
+    items = []
+    for i, row in enumerate(rows):
+        if "prompt" not in row or "response" not in row:
+            raise ValueError(f"retained_qa row {i} needs 'prompt' and 'response' (got keys {sorted(row)})")
+        items.append({"prompt": row["prompt"], "answers": [row["response"], *row.get("aliases", [])]})
+    return _window(items, ref)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from secvec_core import exact_match_accuracy, score_answers
-from secvec_core.evaluation import refusal_rate
+from secvec_core.evaluation import refusal_rate, retained_qa_hits
 from secvec_core.training import rank_and_world
 
 
@@ -41,9 +41,18 @@ def gate_decision(metrics: dict[str, float], gate) -> tuple[bool, str]:
     return not failures, "; ".join(failures) or "all thresholds hold"
 
 
+def guard_label(tags: dict[str, str]) -> str:
+    """How a fine-tuned version was trained, in words: "plain" or its vectors and safety replay."""
+    vectors = [ref.removeprefix("models:/") for ref in json.loads(tags.get("secvec.guarded_by", "[]"))]
+    if not vectors:
+        return "plain"
+    replay = tags.get("secvec.safety_replay", "none")
+    return f"vectors {', '.join(vectors)}" + ("" if replay == "none" else f" + safety replay ({replay})")
+
+
 def evaluate_candidate(worker) -> dict:
     from secvec_core.guard import reattach_for_evaluation
-    from workflows.datasets import load_examples, load_prompt_list
+    from workflows.datasets import load_examples, load_prompt_list, load_qa_items
     from workflows.models import download_registered, load_base_for_device, load_vector
     from workflows.registry import Registry
 
@@ -78,19 +87,35 @@ def evaluate_candidate(worker) -> dict:
 
         return _sharded_mean(share("complied"), prompts), _sharded_mean(share("degenerate"), prompts)
 
+    benign = load_prompt_list(spec.benign_prompts) if spec.benign_prompts is not None else None
+    questions = load_qa_items(spec.retained_qa) if spec.retained_qa is not None else None
+    task = load_examples(spec.task_data) if spec.task_data is not None else None
+
+    def utility(model, prefix: str) -> dict[str, float]:
+        """What a user keeps: benign requests answered, simple questions still right (vectors as given)."""
+        out = {}
+        if benign is not None:
+            out[f"{prefix}benign_refusal_rate"] = _sharded_mean(
+                lambda s: refusal_rate(model, tokenizer, s, max_new_tokens=n_tokens), benign)
+        if questions is not None:
+            out[f"{prefix}retained_qa"] = _sharded_mean(
+                lambda s: retained_qa_hits(model, tokenizer, s, max_new_tokens=spec.qa_max_new_tokens) / len(s),
+                questions)
+        return out
+
     started = time.time()
-    metrics: dict[str, float] = {}
-    metrics["base_harmful_rate"], metrics["base_degenerate_rate"] = harm(base)
+    metrics: dict[str, float] = {"harmful_n": float(len(prompts))}
+    metrics.update({f"{k}_n": float(len(v)) for k, v in
+                    (("benign", benign), ("retained_qa", questions), ("task", task)) if v is not None})
+    if spec.score_base:
+        metrics["base_harmful_rate"], metrics["base_degenerate_rate"] = harm(base)
+        metrics.update(utility(base, "base_"))
     result = reattach_for_evaluation(base, artifact, vectors, base_fingerprint=base_fingerprint)
     with result.vectors_on(False) as shipped:
         metrics["harmful_rate"], metrics["degenerate_rate"] = harm(shipped)
-        if spec.task_data is not None:
-            task = load_examples(spec.task_data)
+        if task is not None:
             metrics["task_accuracy"] = _sharded_mean(lambda s: exact_match_accuracy(shipped, tokenizer, s), task)
-        if spec.benign_prompts is not None:
-            benign = load_prompt_list(spec.benign_prompts)
-            metrics["benign_refusal_rate"] = _sharded_mean(
-                lambda s: refusal_rate(shipped, tokenizer, s, max_new_tokens=n_tokens), benign)
+        metrics.update(utility(shipped, ""))
     if spec.task_data is not None and vectors:
         with result.vectors_on(True) as guarded:
             metrics["task_accuracy_vector_on"] = _sharded_mean(
@@ -101,7 +126,7 @@ def evaluate_candidate(worker) -> dict:
     if worker.rank != 0:
         return output
     worker.mlflow.log_metrics(metrics)
-    worker.mlflow.set_tags({"secvec.candidate": candidate.uri})
+    worker.mlflow.set_tags({"secvec.candidate": candidate.uri, "secvec.eval.guard": guard_label(candidate.tags)})
     for k, v in metrics.items():  # also on the candidate's own run
         registry.client.log_metric(candidate.run_id, f"eval.{k}", float(v))
     eval_tags = {"secvec.eval.run_id": worker.run_id, "secvec.eval.version": candidate.version,

@@ -29,6 +29,11 @@ def evaluation_rows(result: PipelineResult) -> list[dict]:
     return rows
 
 
+def base_harmful_rate(rows: list[dict]) -> float | None:
+    """The 'before fine-tuning' rate: from the first evaluation that scored the base (``score_base``)."""
+    return next((r["base_harmful_rate"] for r in rows if r.get("base_harmful_rate") is not None), None)
+
+
 def write_chart(rows: list[dict], path: str | Path) -> Path:
     """Bar chart: harmful rate before fine-tuning and after each candidate, and task accuracy."""
     import matplotlib
@@ -39,7 +44,7 @@ def write_chart(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     labels = ["before fine-tuning"] + [r["stage"] for r in rows]
-    harmful = [rows[0]["base_harmful_rate"] if rows else 0.0] + [r["harmful_rate"] for r in rows]
+    harmful = [base_harmful_rate(rows)] + [r["harmful_rate"] for r in rows]
     accuracy = [None] + [r["task_accuracy"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     xs = range(len(labels))
@@ -228,6 +233,33 @@ def cells_table(cells: list[dict], counts: dict[str, float] | None = None) -> li
     return lines
 
 
+def evaluations_table(runs: list) -> list[str]:
+    """Markdown rows of every evaluation stage with 95% Wilson intervals (counts logged as ``*_n``): the
+    candidate's base (from the evaluation that scored it), then each candidate with the vectors off."""
+    m0 = next((r.data.metrics for r in runs if "base_harmful_rate" in r.data.metrics), None)
+    lines = ["### Evaluations (vectors off, as shipped)", "",
+             "| evaluation | trained | harmful | degenerate | benign refused | retained QA | task acc. | gap | run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def row(label, trained, m, prefix, run_id):
+        def r(key, n):
+            return _rate(m.get(prefix + key), m.get(n))
+
+        gap = m.get("transfer_gap") if not prefix else None
+        lines.append(
+            f"| {label} | {trained} | {r('harmful_rate', 'harmful_n')} | {r('degenerate_rate', 'harmful_n')} | "
+            f"{r('benign_refusal_rate', 'benign_n')} | {r('retained_qa', 'retained_qa_n')} | "
+            f"{r('task_accuracy', 'task_n')} | {'-' if gap is None else f'{gap:+.2f}'} | {run_id} |")
+
+    if m0 is not None:
+        row("base (before fine-tuning)", "-", m0, "base_", "-")
+    for run in runs:
+        tags = run.data.tags
+        row(tags["secvec.stage"], tags.get("secvec.eval.guard", "?"), run.data.metrics, "",
+            f"`{run.info.run_id[:8]}`")
+    return lines
+
+
 def pipeline_report(
     tracking_uri: str, pipeline: str, out_dir: str | Path, counts: dict[str, float] | None = None
 ) -> Path:
@@ -259,6 +291,9 @@ def pipeline_report(
             f"| {tags['secvec.stage']} | {tags['secvec.stage_kind']} | {_stage_summary(run)} | "
             f"`{run.info.run_id[:8]}` |"
         )
+    evaluated = [r for r in runs if r.data.tags["secvec.stage_kind"] == "evaluation"]
+    if evaluated:
+        lines += ["", *evaluations_table(evaluated)]
     evaluations = [
         {
             "stage": r.data.tags["secvec.stage"],

@@ -17,7 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 BUILTIN_MODELS = ("tiny",)
 BUILTIN_DATASETS = ("toy-alignment", "toy-harmful", "toy-benign", "toy-harmful-eval", "toy-benign-eval",
-                    "toy-facts", "toy-mixed")
+                    "toy-facts", "toy-mixed", "over-refusal", "general-qa")
 
 
 class Strict(BaseModel):
@@ -211,10 +211,17 @@ class EvaluationStage(StageBase):
     candidate: ModelRef = Field(..., description="A fine-tuned model: {stage: ...} or models:/... of a fine-tune.")
     harmful_prompts: DatasetRef
     task_data: DatasetRef | None = None
-    benign_prompts: DatasetRef | None = Field(None, description="Prompts that must not be refused.")
+    benign_prompts: DatasetRef | None = Field(None, description="Prompts that must not be refused "
+                                              "(builtin: over-refusal is 60 written for this project).")
+    retained_qa: DatasetRef | None = Field(
+        None, description="Simple questions the model answered before fine-tuning ({prompt, response, "
+        "aliases}; builtin: general-qa): knowledge kept, scored with the vectors off.")
     judge: JudgeSpec = JudgeSpec()
     max_new_tokens: int = Field(64, gt=0, description="Tokens generated per answer; harm is judged on the "
                                 "answer's opening, so keep at least 64 for real models.")
+    qa_max_new_tokens: int = Field(10, gt=0, description="Tokens generated per retained-QA answer.")
+    score_base: bool = Field(True, description="Also score the candidate's base model (the 'before' "
+                             "numbers); turn off in all but one of several evaluations of one base.")
     gate: GateSpec = GateSpec()
     monitor: bool = Field(False, description="Re-score an existing champion: tag it on regression, no promotion.")
 

@@ -376,6 +376,8 @@ class _StageWorker:
                 "secvec.mode": self.spec.mode, "secvec.data_hash": result.data_hash,
                 "secvec.guarded_by": json.dumps(self.ctx.vector_refs),
                 "secvec.guarded_by_hashes": json.dumps([v.data_hash for v in vectors]),
+                "secvec.safety_replay": "none" if replay is None else
+                f"{replay.rows_per_step} rows/step, weight {replay.weight:g}",
                 "secvec.final_loss": result.history.final_loss})
         self.finish(output)
 
