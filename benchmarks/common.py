@@ -17,6 +17,7 @@ RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 # Order of the sections in RESULTS.md; each is written by one script run into the results folder.
 SECTION_ORDER = (
     "paper-table-smollm2.md",  # benchmarks/red_team.py: the paper's table through the pipeline
+    "analysis-paper-table-smollm2.md",  # written by hand after reading the run
     "effectiveness-smollm2.md",
     "analysis-smollm2.md",  # written by hand after reading the run
     "sweep-smollm2.md",  # benchmarks/red_team.py: the red-team sweep through the pipeline
@@ -30,9 +31,10 @@ SECTION_ORDER = (
 
 HEADER = """# Benchmark results
 
-Produced by `benchmarks/effectiveness.py` (the paper's table, reproduced), `benchmarks/red_team.py` (a
-red-team sweep run through the pipeline, `secvec run`, and reported from MLflow) and `benchmarks/overhead.py`
-(cost of the guard). Each section below was written by one run of a script and names the exact command,
+Produced by `benchmarks/red_team.py` (pipeline specs of `benchmarks/specs/`, run with `secvec run` and
+reported from MLflow: the paper's table and a red-team sweep), `benchmarks/effectiveness.py` (the research
+rows: cross-family matrix, erosion, hallucination; it also holds the script version of the paper's table) and
+`benchmarks/overhead.py` (cost of the guard). Each section below was written by one run of a script and names the exact command,
 date, machine, seeds and code version that produced it; rerun the command to reproduce it. Sections
 are replaced by the next run of the same command, and this file is reassembled from
 `benchmarks/results/*.md` after every run.
