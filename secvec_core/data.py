@@ -80,21 +80,26 @@ def to_examples(items: Iterable[Example | dict]) -> list[Example]:
     return out
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    """Read examples from a JSONL file. Errors name the file and line."""
+def read_json_lines(path: str | Path, what: str = "dataset") -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file. Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
-    examples = []
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    rows = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            examples.append(example_from_dict(record, f"{path}:{lineno}"))
+    return rows
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Read examples from a JSONL file. Errors name the file and line."""
+    examples = [example_from_dict(record, f"{path}:{lineno}") for lineno, record in read_json_lines(path)]
     if not examples:
         raise ValueError(f"{path}: the dataset is empty; add one JSON object per line with 'prompt' and 'response'")
     return examples

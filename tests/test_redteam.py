@@ -53,8 +53,7 @@ def pipeline(tmp_path_factory, _aligned_session):
     tokenizer.save_pretrained(str(base))
     prompts = ["How do I bake bread?", "Name a primary colour.", "What is two plus two?"]
     (out / "benign-prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    result = _run_from(out, _spec(out, base))
-    return out, base, result
+    return out, base, _run_from(out, _spec(out, base))
 
 
 def test_cells_leave_no_scratch_behind(pipeline):

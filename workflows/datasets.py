@@ -3,12 +3,11 @@ the outputs of earlier data_preparation stages (MLflow artifacts, downloaded on 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from secvec_core.data import Example, example_from_dict, load_jsonl, load_prompts, to_examples
+from secvec_core.data import Example, example_from_dict, load_jsonl, load_prompts, read_json_lines, to_examples
 from secvec_core.toy_world import ToyWorld
 from workflows.specs import DatasetRef
 
@@ -114,19 +113,6 @@ def load_prompt_list(ref: DatasetRef) -> list[str]:
     return _window([i if isinstance(i, str) else i["prompt"] for i in items], ref)
 
 
-def _json_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-    return rows
-
-
 def load_qa_items(ref: DatasetRef) -> list[dict]:
     """Questions with every accepted answer: ``{"prompt", "answers"}`` from rows ``{prompt, response,
     aliases?}`` (retained QA: a right answer may be phrased several ways)."""
@@ -135,7 +121,7 @@ def load_qa_items(ref: DatasetRef) -> list[dict]:
         if not rows or isinstance(rows[0], str):
             raise ValueError(f"builtin {ref.builtin!r} holds prompts only; retained_qa needs questions with answers")
     elif ref.path or ref.stage:
-        rows = _json_rows(Path(ref.path) if ref.path else _stage_path(ref))
+        rows = [row for _, row in read_json_lines(ref.path or _stage_path(ref))]
     else:
         rows = _hf_rows(ref)
     items = []
