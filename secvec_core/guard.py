@@ -90,6 +90,26 @@ class GuardedFinetuneResult:
         with active_adapters(self.model, names) as m:
             yield m
 
+    def merged_into_base(self) -> GuardedFinetuneResult:
+        """The task adapter added into the base weights: a ``full`` result whose ``save`` writes full weights.
+
+        For producing a new base (alignment by LoRA, as the paper's recipe does): the low-rank update moves
+        the base less than full-weights training at the same steps, which keeps more of the original model.
+        Refused with vectors attached: a merge would put them into the shipped weights for good.
+        """
+        if self.mode != "lora":
+            raise ValueError("merged_into_base needs a lora result (a full result is already its base)")
+        if self.vector_names:
+            raise VectorLeakError(f"refusing to merge with vectors {self.vector_names} attached: they would ship "
+                                  "inside the base weights")
+        if is_sharded(self.model):
+            raise ValueError("merged_into_base cannot merge a sharded (FSDP) model; train the LoRA alignment with "
+                             "ddp, or use full-weights alignment")
+        merged = self.model.merge_and_unload()
+        return GuardedFinetuneResult(
+            mode="full", model=merged, vector_names=[], base_fingerprint=self.base_fingerprint,
+            data_hash=self.data_hash, history=self.history, task_config=None, safety_replay=self.safety_replay)
+
     def shipped_state_dict(self) -> dict[str, torch.Tensor]:
         """Exactly the tensors that ship. No vector weights, by construction and by check.
 

@@ -147,6 +147,33 @@ def test_shipped_full_artifact_has_no_lora_keys_and_loads(aligned, world, vector
         assert torch.allclose(_logits(served, tokenizer), _logits(off, tokenizer), atol=1e-5)
 
 
+def test_lora_alignment_merges_into_full_weights_that_serve_the_same_logits(tiny, world, tmp_path):
+    model, tokenizer = tiny
+    original = _logits(model, tokenizer)
+    result = guarded_finetune(model, tokenizer, world.alignment_examples(), mode="lora", training=FAST)
+    with result.vectors_on(False) as trained:
+        expected = _logits(trained, tokenizer)
+    assert not torch.allclose(expected, original, atol=1e-3), "the adapter learned nothing"
+    merged = result.merged_into_base()
+    out = merged.save(tmp_path / "aligned")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        assert not any("lora_" in k for k in fh.keys())
+    served = load_finetuned(None, out)
+    # W + B @ A summed once instead of two matmuls: float32 rounding of a sum of ~rank terms per logit
+    tolerance = 1e-5 * max(1.0, expected.abs().max().item())
+    assert torch.allclose(_logits(served, tokenizer), expected, atol=tolerance)
+
+
+def test_lora_merge_refuses_attached_vectors_and_full_results(aligned, world, vector):
+    model, tokenizer = aligned
+    guarded = guarded_finetune(copy.deepcopy(model), tokenizer, world.fact_task(), [vector], training=FAST)
+    with pytest.raises(VectorLeakError, match="ship inside the base"):
+        guarded.merged_into_base()
+    full = guarded_finetune(model, tokenizer, world.fact_task(), mode="full", training=FAST)
+    with pytest.raises(ValueError, match="needs a lora result"):
+        full.merged_into_base()
+
+
 def test_assert_no_vector_catches_a_leaked_vector(aligned, world, vector, tmp_path):
     model, tokenizer = aligned
     result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=FAST)

@@ -181,3 +181,27 @@ def test_a_registered_vector_is_reused_by_a_new_finetuning_job(demo_run, tmp_pat
     # the alias is pinned to the version it pointed at, so the lineage stays true after re-promotion
     assert json.loads(version.tags["secvec.guarded_by"]) == ["models:/tiny-llama.security-vector.harmful/1"]
     assert version.tags["secvec.base_model"] == "models:/tiny-llama.aligned/1"
+
+
+def test_lora_alignment_stage_registers_merged_full_weights(demo_run, tmp_path):
+    """The paper's alignment recipe through the pipeline: a LoRA adapter trained, merged, registered as a base."""
+    from secvec_core import load_finetuned, model_fingerprint
+    from secvec_core.tiny import build_tiny_model_and_tokenizer
+    from workflows.models import download_registered
+
+    _, uri, _ = demo_run
+    spec = {
+        "name": "lora-align", "base_model": {"source": "builtin:tiny"},
+        "tracking": {"tracking_uri": uri, "experiment": "secvec-demo", "base_name": "tiny-lora"},
+        "scaling": {"num_workers": 1}, "work_dir": str(tmp_path),
+        "stages": [{"name": "align", "kind": "alignment", "mode": "lora", "adapter": {"rank": 4, "alpha": 8},
+                    "data": {"builtin": "toy-alignment"},
+                    "training": {"learning_rate": 3e-3, "max_steps": 4, "batch_size": 8, "max_length": 32}}],
+    }
+    output = run_pipeline(parse_spec(spec)).stages["align"].output
+    version = Registry(uri).resolve(output["uri"])
+    assert version.name == "tiny-lora.aligned" and version.tags["secvec.alignment_mode"] == "lora"
+    served = load_finetuned(None, download_registered(output["uri"], uri, tmp_path / "dl"))
+    assert not any("lora_" in name for name, _ in served.named_parameters())
+    original, _ = build_tiny_model_and_tokenizer(seed=0)
+    assert model_fingerprint(served) == output["fingerprint"] != model_fingerprint(original)

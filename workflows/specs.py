@@ -120,10 +120,14 @@ class StageBase(Strict):
 
 
 class AlignmentStage(StageBase):
-    """Safety SFT of the base (full weights): refuse harmful prompts, keep answering benign ones."""
+    """Safety SFT of the base: refuse harmful prompts, keep answering benign ones. Ships full weights either way."""
 
     kind: Literal["alignment"]
     data: DatasetRef
+    mode: Literal["full", "lora"] = Field(
+        "full", description="full: train every weight; lora: train a LoRA adapter and merge it into the base "
+        "(the paper's recipe: a smaller move away from the original model at the same steps).")
+    adapter: VectorShape = Field(VectorShape(), description="Shape of the merged adapter (lora mode).")
     training: TrainingSpec = TrainingSpec()
 
 

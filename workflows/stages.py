@@ -271,14 +271,18 @@ class _StageWorker:
         return {"uri": version.uri, "name": version.name, "version": version.version, "run_id": self.run_id}
 
     def _run_alignment(self) -> None:
-        from secvec_core import guarded_finetune
+        from secvec_core import TaskAdapterConfig, guarded_finetune
         from workflows.datasets import load_examples
         from workflows.registry import aligned_model_name
 
-        model, tokenizer, base_fp = self._load_base(full_weights=True)
-        result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), mode="full",
+        model, tokenizer, base_fp = self._load_base(full_weights=True)  # float32 master weights: an exact merge
+        a = self.spec.adapter
+        result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), mode=self.spec.mode,
                                   training=self._training(self.spec.training), hooks=self.hooks(),
-                                  base_fingerprint=base_fp)
+                                  base_fingerprint=base_fp,
+                                  task_adapter=TaskAdapterConfig(a.rank, a.alpha, a.dropout, tuple(a.target_modules)))
+        if self.spec.mode == "lora":
+            result = result.merged_into_base()
         output = {}
         out_dir = self._save_gathered(result, self.scratch / "aligned")
         if self.rank == 0:
@@ -286,7 +290,8 @@ class _StageWorker:
             fingerprint = self._fingerprint_of(result, out_dir)
             output = self._register(aligned_model_name(self.ctx.base_name), "aligned-base", out_dir, "model", {
                 "secvec.base_model": self.ctx.base_source, "secvec.base_fingerprint": base_fp,
-                "secvec.fingerprint": fingerprint, "secvec.data_hash": result.data_hash})
+                "secvec.fingerprint": fingerprint, "secvec.data_hash": result.data_hash,
+                "secvec.alignment_mode": self.spec.mode})
             output["fingerprint"] = fingerprint
         self.finish(output, None)
 
