@@ -91,9 +91,9 @@ def read_json_lines(path: str | Path, what: str = "dataset") -> list[tuple[int, 
             if not line.strip():
                 continue
             try:
-                rows.append((lineno, json.loads(line)))
+                rows.append((lineno, json.loads(line.rstrip("\r\n"))))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
     return rows
 
 
@@ -108,19 +108,16 @@ def load_jsonl(path: str | Path) -> list[Example]:
 def load_prompts(path: str | Path) -> list[str]:
     """Read evaluation prompts: JSONL with a 'prompt' field, or plain text with one prompt per line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            record = json.loads(line)
-            if "prompt" not in record:
-                raise ValueError(f"{path}:{lineno}: missing field 'prompt'")
+    if path.suffix == ".jsonl":
+        prompts = []
+        for lineno, record in read_json_lines(path, "prompt"):
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{path}:{lineno}: each line needs a JSON object with a string field 'prompt'")
             prompts.append(record["prompt"])
-        else:
-            prompts.append(line.strip())
+    elif not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{path}: no prompts found")
     return prompts

@@ -80,6 +80,18 @@ def _add_evaluation(gate: dict):
     return mutate
 
 
+def _add_prompt_file(text: str):
+    """Mutation adding an evaluation stage whose harmful prompts come from a file holding ``text``."""
+
+    def mutate(spec: dict, files: Files) -> None:
+        path = files.root / "bad_prompts.jsonl"
+        path.write_text(text, encoding="utf-8")
+        spec["stages"].append({"name": "ev", "kind": "evaluation", "candidate": {"stage": "ft"},
+                               "harmful_prompts": {"path": str(path)}})
+
+    return mutate
+
+
 CASES = [
     Case("unknown spec key", _set("tracking.experimnt", "x"),
          ("tracking.experimnt", "unknown key 'experimnt'", "check spelling"), command="validate"),
@@ -92,6 +104,8 @@ CASES = [
         {"name": "prep", "kind": "data_preparation",
          "parts": [{"prompts": {"path": str(files.root / "nope.jsonl")}, "responses": "refusal"}]}),
          ("stages[1] (prep).parts[0].prompts.path", "dataset file not found", "fix the path")),
+    Case("prompt file with a line that is not JSON", _add_prompt_file('{"prompt": "hi"}\n{"prompt": "cut off\n'),
+         ("stages[1] (ev).harmful_prompts", "bad_prompts.jsonl:2: not valid JSON", "Unterminated string")),
     Case("empty dataset", _set("stages.0.data.path", lambda f: str(f.empty)),
          ("stages[0] (ft).data", "the dataset is empty", "add one JSON object per line")),
     Case("example without a response", _set("stages.0.data.path", lambda f: str(f.no_response)),
