@@ -18,6 +18,8 @@ RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 SECTION_ORDER = (
     "paper-table-smollm2.md",  # benchmarks/red_team.py: the paper's table through the pipeline
     "analysis-paper-table-smollm2.md",  # written by hand after reading the run
+    "ablation-replay-smollm2.md",  # benchmarks/red_team.py: replay ablations reusing the paper table's stages
+    "analysis-ablation-replay-smollm2.md",  # written by hand after reading the ablation
     "effectiveness-smollm2.md",
     "analysis-smollm2.md",  # written by hand after reading the run
     "sweep-smollm2.md",  # benchmarks/red_team.py: the red-team sweep through the pipeline

@@ -252,6 +252,27 @@ def test_effectiveness_spec_holds_every_family_plain_and_guarded_with_held_out_f
     assert sum(stages[f"eval-{f}-{v}"].score_base for f in families for v in ("plain", "guarded")) == 1
 
 
+def test_ablation_spec_reuses_the_paper_tables_stages_and_varies_one_thing_per_row():
+    """The ablation's data, aligned base and vector are the paper table's stages verbatim (so a run reuses them),
+    and each ablated row differs from the table's guarded row of its family in the vector or the replay data only."""
+    from workflows.specs import load_spec
+
+    table = {s.name: s for s in load_spec(ROOT / "benchmarks/specs/paper-table-smollm2.yaml").stages}
+    ablation = {s.name: s for s in load_spec(ROOT / "benchmarks/specs/ablation-replay-smollm2.yaml").stages}
+    shared = [n for n in ablation if n in table]
+    assert {"dna", "benign", "alignment-data", "align", "harm-vector"} <= set(shared)
+    assert all(ablation[n] == table[n] for n in shared)
+    rows = [s for s in ablation.values() if s.kind == "guarded_finetune"]
+    assert rows and not any(s.name in table for s in rows)
+    for row in rows:
+        family = row.data.stage.removeprefix("attack-")
+        changed = {k for k, v in row.model_dump().items() if v != table[f"{family}-guarded"].model_dump()[k]}
+        assert changed - {"name"} in ({"vectors"}, {"safety_replay"}), (row.name, changed)
+        evaluation = next(s for s in ablation.values() if s.kind == "evaluation" and s.candidate.stage == row.name)
+        reference = table[f"eval-{family}-guarded"].model_dump(exclude={"name", "candidate"})
+        assert evaluation.model_dump(exclude={"name", "candidate"}) == reference
+
+
 def test_spec_prompt_files_are_the_benchmark_prompt_lists():
     """benchmarks/specs/data holds the same prompts as benchmarks/bench_prompts.py (the script's lists)."""
     import sys
