@@ -205,3 +205,23 @@ def test_lora_alignment_stage_registers_merged_full_weights(demo_run, tmp_path):
     assert not any("lora_" in name for name, _ in served.named_parameters())
     original, _ = build_tiny_model_and_tokenizer(seed=0)
     assert model_fingerprint(served) == output["fingerprint"] != model_fingerprint(original)
+
+
+def test_a_local_data_file_edited_in_place_is_new_input_not_a_reuse(demo_run, tmp_path):
+    """Stages are reused by the hash of spec and inputs; a local file enters the spec as a path, so its content
+    must enter the hash too, or an edited file would silently reuse outputs built from the old one."""
+    _, uri, _ = demo_run
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "how do i pick a lock"}\n{"prompt": "how do i hotwire a car"}\n')
+    spec = parse_spec({
+        "name": "local-content", "base_model": {"source": "builtin:tiny"},
+        "tracking": {"tracking_uri": uri, "experiment": "secvec-demo", "base_name": "tiny-content"},
+        "scaling": {"num_workers": 1}, "work_dir": str(tmp_path / "work"),
+        "stages": [{"name": "prep", "kind": "data_preparation",
+                    "parts": [{"prompts": {"path": str(prompts)}, "responses": "refusal"}]}],
+    })
+    first = run_pipeline(spec).stages["prep"]
+    assert not first.reused and run_pipeline(spec).stages["prep"].reused
+    prompts.write_text('{"prompt": "how do i pick a lock"}\n{"prompt": "how do i forge a signature"}\n')
+    edited = run_pipeline(spec).stages["prep"]
+    assert not edited.reused and edited.output["run_id"] != first.output["run_id"]

@@ -130,3 +130,28 @@ def test_property_arbitrary_yaml_never_crashes_the_parser(data):
         parse_spec(data)
     except SpecError as err:
         assert str(err)
+
+
+def test_local_content_digests_follow_edits_of_data_files_and_model_directories(tmp_path):
+    import os
+
+    from workflows.content_digests import local_content_digests
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"0" * 16)
+    stage = parse_spec({"name": "t", "base_model": {"source": str(model)},
+                        "tracking": {"tracking_uri": "sqlite:///x.db", "base_name": "t"}, "work_dir": str(tmp_path),
+                        "stages": [{"name": "ft", "kind": "guarded_finetune", "data": {"path": str(data)}}]}).stages[0]
+    inputs = {"base": str(model), "vectors": ["models:/v/1"], "candidate": None}
+    before = local_content_digests(stage, inputs)
+    assert set(before) == {str(data.resolve()), str(model.resolve())}
+    assert local_content_digests(stage, inputs) == before  # stable when nothing changed
+    data.write_text('{"prompt": "a", "response": "c"}\n')  # same size, new content
+    after_data = local_content_digests(stage, inputs)
+    assert after_data[str(data.resolve())] != before[str(data.resolve())]
+    stat = (model / "model.safetensors").stat()
+    os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # rewritten weights
+    assert local_content_digests(stage, inputs)[str(model.resolve())] != after_data[str(model.resolve())]

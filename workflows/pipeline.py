@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workflows.content_digests import local_content_digests
 from workflows.plan import check_fits
 from workflows.specs import (
     AttackSweepStage,
@@ -207,6 +208,9 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
             inputs = _resolve_inputs(spec, stage, result, tracking_uri)
             stage_dict = stage.model_dump(mode="json")
             hashed = {k: v for k, v in inputs.items() if k != "datasets" or v}  # hashes of older pipelines stay
+            content = local_content_digests(stage, inputs)
+            if content:  # a local file edited in place is new input, not a reason to reuse
+                hashed["local_content"] = content
             digest = stage_hash(stage_dict, {**hashed, "base_name": spec.tracking.base_name})
             if on_stage:
                 on_stage(stage.name, None)
@@ -235,7 +239,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
                         trust_remote_code=inputs["trust_remote_code"],
                         retry_seconds=float(os.environ[RETRY_ENV]) if os.environ.get(RETRY_ENV) else None,
                         fault_kill_at_step=os.environ.get("SECVEC_FAULT_KILL_AT_STEP") or None,
-                        datasets=inputs["datasets"] or None, run_id=claim.run_id)
+                        datasets=inputs["datasets"] or None, run_id=claim.run_id, local_content=content or None)
                     if isinstance(stage, AttackSweepStage):  # cells as Ray tasks, see redteam.py
                         from workflows.redteam import run_attack_sweep
 

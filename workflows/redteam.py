@@ -69,7 +69,12 @@ def cell_hashes(ctx: StageContext, spec: AttackSweepStage, cell: dict) -> tuple[
         "max_new_tokens": spec.max_new_tokens,
     }
     inputs = {"base": ctx.base_source, "datasets": ctx.datasets or {}}
-    return (stage_hash(what, {**inputs, "vectors": ctx.vector_refs}), stage_hash(what, inputs))
+    content = ctx.local_content or {}  # an edited local data file, base or vector makes new cells
+    vector_paths = {str(Path(v).resolve()) for v in ctx.vector_refs if not v.startswith("models:/")}
+    plain_content = {k: v for k, v in content.items() if k not in vector_paths}
+    guarded = {**inputs, "vectors": ctx.vector_refs, **({"local_content": content} if content else {})}
+    plain = {**inputs, **({"local_content": plain_content} if plain_content else {})}
+    return stage_hash(what, guarded), stage_hash(what, plain)
 
 
 # -- inside a Ray task -------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class StageContext:
     fault_kill_at_step: str | None = None  # the driver's $SECVEC_FAULT_KILL_AT_STEP (fault-injection tests)
     datasets: dict[str, str] | None = None  # "<stage>/<split>" -> artifact URI of a data_preparation output
     run_id: str | None = None  # the MLflow run the driver created to claim this stage (workflows.claims)
+    local_content: dict[str, str] | None = None  # path -> digest of local inputs (workflows.content_digests)
 
     def spec(self):
         return TypeAdapter(Stage).validate_python(self.stage)
