@@ -34,7 +34,7 @@ SECTION_ORDER = (
 HEADER = """# Benchmark results
 
 Produced by `benchmarks/red_team.py` (pipeline specs of `benchmarks/specs/`, run with `secvec run` and
-reported from MLflow: the paper's table and a red-team sweep), `benchmarks/effectiveness.py` (the research
+reported from MLflow: the paper's table, a replay ablation and a red-team sweep), `benchmarks/effectiveness.py` (the research
 rows: cross-family matrix, erosion, hallucination; it also holds the script version of the paper's table) and
 `benchmarks/overhead.py` (cost of the guard). Each section below was written by one run of a script and names the exact command,
 date, machine, seeds and code version that produced it; rerun the command to reproduce it. Sections

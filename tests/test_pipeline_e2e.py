@@ -220,8 +220,8 @@ def test_a_local_data_file_edited_in_place_is_new_input_not_a_reuse(demo_run, tm
         "stages": [{"name": "prep", "kind": "data_preparation",
                     "parts": [{"prompts": {"path": str(prompts)}, "responses": "refusal"}]}],
     })
-    first = run_pipeline(spec).stages["prep"]
-    assert not first.reused and run_pipeline(spec).stages["prep"].reused
+    first = run_pipeline(spec).stages["prep"]  # an unchanged file keeps its digest: tests/test_specs.py
+    assert not first.reused
     prompts.write_text('{"prompt": "how do i pick a lock"}\n{"prompt": "how do i forge a signature"}\n')
     edited = run_pipeline(spec).stages["prep"]
     assert not edited.reused and edited.output["run_id"] != first.output["run_id"]

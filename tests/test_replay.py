@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -117,3 +119,17 @@ def test_replay_settings_from_the_spec_land_in_mlflow_params(tmp_path):
     params = stage_run.data.params
     assert params["safety_replay.rows_per_step"] == "3" and params["safety_replay.examples"] == "12"
     assert params["safety_replay.weight"] == "1.0"
+
+
+def test_guard_label_names_vectors_replay_and_replay_without_a_vector():
+    """The report's "trained" column: a replay-only fine-tune is not plain, and a vector run says so."""
+    from workflows.evaluate import guard_label
+
+    replay = "2 rows/step, weight 1"
+    vectors = json.dumps(["models:/base.security-vector.harmful/1"])
+    assert guard_label({}) == "plain"
+    assert guard_label({"secvec.guarded_by": "[]", "secvec.safety_replay": replay}) == (
+        "safety replay (2 rows/step, weight 1) only, no vector")
+    assert guard_label({"secvec.guarded_by": vectors}) == "vectors base.security-vector.harmful/1"
+    assert guard_label({"secvec.guarded_by": vectors, "secvec.safety_replay": replay}) == (
+        "vectors base.security-vector.harmful/1 + safety replay (2 rows/step, weight 1)")

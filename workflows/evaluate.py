@@ -42,12 +42,13 @@ def gate_decision(metrics: dict[str, float], gate) -> tuple[bool, str]:
 
 
 def guard_label(tags: dict[str, str]) -> str:
-    """How a fine-tuned version was trained, in words: "plain" or its vectors and safety replay."""
+    """How a fine-tuned version was trained, in words: "plain", its vectors, its safety replay, or both."""
     vectors = [ref.removeprefix("models:/") for ref in json.loads(tags.get("secvec.guarded_by", "[]"))]
-    if not vectors:
-        return "plain"
     replay = tags.get("secvec.safety_replay", "none")
-    return f"vectors {', '.join(vectors)}" + ("" if replay == "none" else f" + safety replay ({replay})")
+    replay_words = None if replay == "none" else f"safety replay ({replay})"
+    if not vectors:
+        return "plain" if replay_words is None else f"{replay_words} only, no vector"
+    return f"vectors {', '.join(vectors)}" + ("" if replay_words is None else f" + {replay_words}")
 
 
 def evaluate_candidate(worker) -> dict:

@@ -233,9 +233,10 @@ def cells_table(cells: list[dict], counts: dict[str, float] | None = None) -> li
     return lines
 
 
-def evaluations_table(runs: list) -> list[str]:
+def evaluations_table(runs: list, guard_of=lambda run: run.data.tags.get("secvec.eval.guard", "?")) -> list[str]:
     """Markdown rows of every evaluation stage with 95% Wilson intervals (counts logged as ``*_n``): the
-    candidate's base (from the evaluation that scored it), then each candidate with the vectors off."""
+    candidate's base (from the evaluation that scored it), then each candidate with the vectors off.
+    ``guard_of(run)``: how the candidate was trained (default: the label the evaluation logged)."""
     m0 = next((r.data.metrics for r in runs if "base_harmful_rate" in r.data.metrics), None)
     lines = ["### Evaluations (vectors off, as shipped)", "",
              "| evaluation | trained | harmful | degenerate | benign refused | retained QA | task acc. | gap | run |",
@@ -255,7 +256,7 @@ def evaluations_table(runs: list) -> list[str]:
         row("base (before fine-tuning)", "-", m0, "base_", "-")
     for run in runs:
         tags = run.data.tags
-        row(tags["secvec.stage"], tags.get("secvec.eval.guard", "?"), run.data.metrics, "",
+        row(tags["secvec.stage"], guard_of(run), run.data.metrics, "",
             f"`{run.info.run_id[:8]}`")
     return lines
 
@@ -293,7 +294,7 @@ def pipeline_report(
         )
     evaluated = [r for r in runs if r.data.tags["secvec.stage_kind"] == "evaluation"]
     if evaluated:
-        lines += ["", *evaluations_table(evaluated)]
+        lines += ["", *evaluations_table(evaluated, lambda run: _candidate_guard(client, run))]
     evaluations = [
         {
             "stage": r.data.tags["secvec.stage"],
@@ -311,6 +312,24 @@ def pipeline_report(
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _candidate_guard(client, run) -> str:
+    """The training of the evaluated version, from the version's own tags (so a report written later uses today's
+    wording, e.g. replay without a vector); the label the evaluation logged when the version is gone."""
+    from workflows.evaluate import guard_label
+    from workflows.specs import REGISTRY_URI
+
+    logged = run.data.tags.get("secvec.eval.guard", "?")
+    match = REGISTRY_URI.match(run.data.tags.get("secvec.candidate", ""))
+    if not match or not match["version"]:
+        return logged
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return guard_label(client.get_model_version(match["name"], match["version"]).tags)
+    except MlflowException:  # a deleted version: the logged label still holds
+        return logged
 
 
 def sweep_section(client, run, out_dir: Path, counts: dict[str, float] | None = None) -> list[str]:
