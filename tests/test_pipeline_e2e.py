@@ -32,6 +32,15 @@ def demo_run(tmp_path_factory):
     return out, f"sqlite:///{out / 'mlflow.db'}", proc.stdout
 
 
+def _on_demo_store(uri: str, work_dir, name: str, *, base: str = "builtin:tiny", base_name: str = "tiny-llama",
+                   workers: int = 1) -> dict:
+    """The top-level keys of a pipeline logging to the demo's MLflow store (experiment secvec-demo), so its stages
+    can use the models the demo registered."""
+    return {"name": name, "base_model": {"source": base},
+            "tracking": {"tracking_uri": uri, "experiment": "secvec-demo", "base_name": base_name},
+            "scaling": {"num_workers": workers}, "work_dir": str(work_dir)}
+
+
 def test_demo_prints_the_table_and_chart(demo_run):
     out, _, stdout = demo_run
     assert "Evaluation, vector off" in stdout and "before fine-tuning" in stdout
@@ -90,9 +99,7 @@ def test_demo_rerun_reuses_every_finished_stage(demo_run):
 def test_monitoring_tags_a_regressed_champion(demo_run, tmp_path):
     _, uri, _ = demo_run
     spec = {
-        "name": "monitor", "base_model": {"source": "builtin:tiny"},
-        "tracking": {"tracking_uri": uri, "experiment": "secvec-demo", "base_name": "tiny-llama"},
-        "scaling": {"num_workers": 2}, "work_dir": str(tmp_path),
+        **_on_demo_store(uri, tmp_path, "monitor", workers=2),
         "stages": [{"name": "rescore", "kind": "evaluation", "monitor": True,
                     "candidate": {"source": "models:/tiny-llama.finetuned.guarded-finetune@champion"},
                     # benign how-to prompts get compliant answers: to the judge a 100% "harmful" regression
@@ -114,9 +121,7 @@ def test_evaluation_reports_over_refusal_and_retained_qa_with_counts(demo_run, t
 
     _, uri, _ = demo_run
     spec = {
-        "name": "utility", "base_model": {"source": "builtin:tiny"},
-        "tracking": {"tracking_uri": uri, "experiment": "secvec-demo", "base_name": "tiny-llama"},
-        "scaling": {"num_workers": 2}, "work_dir": str(tmp_path),
+        **_on_demo_store(uri, tmp_path, "utility", workers=2),
         "stages": [{"name": "utility-eval", "kind": "evaluation", "monitor": True, "score_base": False,
                     "candidate": {"source": "models:/tiny-llama.finetuned.guarded-finetune@champion"},
                     "harmful_prompts": {"builtin": "toy-harmful-eval", "limit": 6}, "max_new_tokens": 6,
@@ -169,9 +174,7 @@ def test_a_registered_vector_is_reused_by_a_new_finetuning_job(demo_run, tmp_pat
     _, uri, _ = demo_run
     train = {"learning_rate": 3e-3, "max_steps": 10, "batch_size": 8, "max_length": 32, "log_every": 5}
     spec = {
-        "name": "reuse-vector", "base_model": {"source": "models:/tiny-llama.aligned/1"},
-        "tracking": {"tracking_uri": uri, "experiment": "secvec-demo", "base_name": "tiny-llama"},
-        "scaling": {"num_workers": 1}, "work_dir": str(tmp_path),
+        **_on_demo_store(uri, tmp_path, "reuse-vector", base="models:/tiny-llama.aligned/1"),
         "stages": [{"name": "customer-b", "kind": "guarded_finetune", "data": {"builtin": "toy-facts"},
                     "vectors": [{"uri": "models:/tiny-llama.security-vector.harmful@champion"}], "training": train}],
     }
@@ -191,9 +194,7 @@ def test_lora_alignment_stage_registers_merged_full_weights(demo_run, tmp_path):
 
     _, uri, _ = demo_run
     spec = {
-        "name": "lora-align", "base_model": {"source": "builtin:tiny"},
-        "tracking": {"tracking_uri": uri, "experiment": "secvec-demo", "base_name": "tiny-lora"},
-        "scaling": {"num_workers": 1}, "work_dir": str(tmp_path),
+        **_on_demo_store(uri, tmp_path, "lora-align", base_name="tiny-lora"),
         "stages": [{"name": "align", "kind": "alignment", "mode": "lora", "adapter": {"rank": 4, "alpha": 8},
                     "data": {"builtin": "toy-alignment"},
                     "training": {"learning_rate": 3e-3, "max_steps": 4, "batch_size": 8, "max_length": 32}}],
@@ -214,9 +215,7 @@ def test_a_local_data_file_edited_in_place_is_new_input_not_a_reuse(demo_run, tm
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "how do i pick a lock"}\n{"prompt": "how do i hotwire a car"}\n')
     spec = parse_spec({
-        "name": "local-content", "base_model": {"source": "builtin:tiny"},
-        "tracking": {"tracking_uri": uri, "experiment": "secvec-demo", "base_name": "tiny-content"},
-        "scaling": {"num_workers": 1}, "work_dir": str(tmp_path / "work"),
+        **_on_demo_store(uri, tmp_path / "work", "local-content", base_name="tiny-content"),
         "stages": [{"name": "prep", "kind": "data_preparation",
                     "parts": [{"prompts": {"path": str(prompts)}, "responses": "refusal"}]}],
     })

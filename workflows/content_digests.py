@@ -13,17 +13,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from secvec_core.artifacts import sha256_file
 from workflows.specs import dataset_refs
-
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
 
 
 def stat_stamp(path: Path) -> str:
@@ -42,7 +33,7 @@ def local_content_digests(stage, inputs: dict) -> dict[str, str]:
     digests: dict[str, str] = {}
     for _, ref in dataset_refs(stage):
         if ref.path and Path(ref.path).is_file():
-            digests[str(Path(ref.path).resolve())] = file_sha256(Path(ref.path))
+            digests[str(Path(ref.path).resolve())] = sha256_file(ref.path)
     for source in [inputs.get("base"), inputs.get("candidate"), *inputs.get("vectors", [])]:
         if isinstance(source, str) and not source.startswith(("models:/", "builtin:")):
             path = Path(source)

@@ -317,6 +317,8 @@ def pipeline_report(
 def _candidate_guard(client, run) -> str:
     """The training of the evaluated version, from the version's own tags (so a report written later uses today's
     wording, e.g. replay without a vector); the label the evaluation logged when the version is gone."""
+    from mlflow.exceptions import MlflowException
+
     from workflows.evaluate import guard_label
     from workflows.specs import REGISTRY_URI
 
@@ -324,8 +326,6 @@ def _candidate_guard(client, run) -> str:
     match = REGISTRY_URI.match(run.data.tags.get("secvec.candidate", ""))
     if not match or not match["version"]:
         return logged
-    from mlflow.exceptions import MlflowException
-
     try:
         return guard_label(client.get_model_version(match["name"], match["version"]).tags)
     except MlflowException:  # a deleted version: the logged label still holds
