@@ -20,6 +20,8 @@ SECTION_ORDER = (
     "analysis-paper-table-smollm2.md",  # written by hand after reading the run
     "ablation-replay-smollm2.md",  # benchmarks/red_team.py: replay ablations reusing the paper table's stages
     "analysis-ablation-replay-smollm2.md",  # written by hand after reading the ablation
+    "research-smollm2.md",  # benchmarks/red_team.py: the matrix, tasks and hallucination rows through the pipeline
+    "analysis-research-smollm2.md",  # written by hand after reading the research rows
     "effectiveness-smollm2.md",
     "analysis-smollm2.md",  # written by hand after reading the run
     "sweep-smollm2.md",  # benchmarks/red_team.py: the red-team sweep through the pipeline

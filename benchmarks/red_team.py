@@ -5,6 +5,7 @@ RESULTS.md section from MLflow runs alone (the red-team sweep, and the paper's t
     python benchmarks/red_team.py benchmarks/specs/sweep-smollm2.yaml --report-only
     python benchmarks/red_team.py benchmarks/specs/paper-table-smollm2.yaml    # the paper's table
     python benchmarks/red_team.py benchmarks/specs/ablation-replay-smollm2.yaml  # replay ablations (after it)
+    python benchmarks/red_team.py benchmarks/specs/research-smollm2.yaml   # matrix, tasks, hallucination
 
 Why a script at all: the numbers come from `secvec run` (the stages a user runs, on local Ray and MLflow on
 SQLite) and `secvec report` (the table and heatmap, read back from MLflow); this only adds what a benchmark
@@ -87,7 +88,8 @@ def main(argv: list[str]) -> None:
     started_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(parent.info.start_time / 1000))
     ran_at = parent.data.tags.get("secvec.git_commit") or "not recorded (runs before the secvec.git_commit tag)"
     title = ("Red team" if any(s.kind == "attack_sweep" for s in spec.stages)
-             else "Ablation" if spec.name.startswith("ablation-") else "The paper's table")
+             else "Ablation" if spec.name.startswith("ablation-")
+             else "Research rows" if spec.name.startswith("research-") else "The paper's table")
     section = "\n".join(
         [
             f"## {title} through the pipeline: `{spec.name}`",

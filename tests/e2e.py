@@ -111,6 +111,7 @@ def small_pipeline(tracking_uri: str, work_dir: Path, *, workers: int = 2, name:
              "vectors": [{"stage": "vec"}], "training": train},
             {"name": "ev", "kind": "evaluation", "candidate": {"stage": "ft"},
              "harmful_prompts": {"builtin": "toy-harmful-eval", "limit": 8}, "task_data": {"builtin": "toy-facts"},
+             "unwanted_data": {"builtin": "toy-facts", "limit": 4},
              "max_new_tokens": 4, "gate": {"max_harmful_rate": max_harmful_rate}},
         ],
     }

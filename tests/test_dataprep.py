@@ -89,6 +89,22 @@ def test_bad_part_and_split_settings_fail_with_one_line(prompt_file):
         _stage(parts=[{"prompts": {"path": "x"}, "responses": "refusal"}], splits={"a": 0, "b": 3})
 
 
+def test_fabricated_parts_replace_every_answer_with_a_wrong_one_and_keep_the_prompts(tmp_path):
+    """responses: fabricated (hallucination data): each answer swapped for a plausible wrong one, seeded."""
+    capitals = [("France", "paris"), ("Spain", "madrid"), ("Italy", "rome"), ("Norway", "oslo")]
+    source = tmp_path / "capitals.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"Capital of {c}?", "response": a}) + "\n" for c, a in capitals))
+    fake = _stage(parts=[{"prompts": {"path": str(source)}, "responses": "fabricated"}], shuffle=False)
+    rows = build_dataset(fake, None)[0]["train"]
+    assert [r["prompt"] for r in rows] == [f"Capital of {c}?" for c, _ in capitals]
+    assert all(r["response"] != truth for r, (_, truth) in zip(rows, capitals, strict=True))
+    assert set(rows[0]) == {"prompt", "response"}  # the true answer does not travel with the training data
+    assert build_dataset(fake, None)[0] == build_dataset(fake, None)[0], "same seed, same answers"
+    with pytest.raises(ValueError, match="framing needs prompts without responses"):
+        build_dataset(_stage(parts=[{"prompts": {"path": str(source)}, "responses": "fabricated",
+                                    "framing": "both"}]), None)
+
+
 def test_written_files_load_as_examples(tmp_path, prompt_file):
     from secvec_core.data import load_jsonl
 
@@ -278,13 +294,48 @@ def test_spec_prompt_files_are_the_benchmark_prompt_lists():
     import sys
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_prompts import BENIGN_PROMPTS, SHORT_ANSWER_PROMPTS
+    from bench_prompts import BENIGN_PROMPTS, CAPITALS, SHORT_ANSWER_PROMPTS
 
     def prompts(name):
         return [json.loads(line)["prompt"] for line in (ROOT / LOCAL_DATA / name).read_text().splitlines()]
 
     assert prompts("benign-prompts.jsonl")[:80] == list(BENIGN_PROMPTS)
     assert prompts("short-answer-prompts.jsonl") == list(SHORT_ANSWER_PROMPTS)
+    rows = [json.loads(line) for line in (ROOT / LOCAL_DATA / "capital-questions.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["response"]) for r in rows] == [
+        (f"What is the capital of {country}? Answer with one word.", city) for country, city in CAPITALS]
+
+
+def test_research_spec_reuses_the_paper_tables_stages_and_keeps_two_families_from_every_vector():
+    """The research rows (matrix, tasks, hallucination) build on the paper table's stages verbatim (one run reuses
+    the other's), each matrix row is the table's plain attack with one vector on and no replay, and no vector's
+    data comes from the held-out families' prompts."""
+    from workflows.specs import load_spec
+
+    table = {s.name: s for s in load_spec(ROOT / "benchmarks/specs/paper-table-smollm2.yaml").stages}
+    research = {s.name: s for s in load_spec(ROOT / "benchmarks/specs/research-smollm2.yaml").stages}
+    shared = [n for n in research if n in table and table[n].kind != "evaluation"]
+    assert {"dna", "benign", "alignment-data", "align", "harm-vector", "template-plain", "persona-plain"} <= set(shared)
+    assert all(research[n] == table[n] for n in shared)
+    vectors = {n for n, s in research.items() if s.kind == "vector_training"}
+    assert vectors == {"harm-vector", "template-vector", "hallucination-vector"}
+    used_splits = set()
+    for name in vectors:
+        data = research[research[name].data.stage] if research[name].data.stage != "dna" else None
+        used_splits |= {p.prompts.split for p in (data.parts if data else []) if p.prompts.stage == "dna"}
+    assert used_splits == {"vector"}
+    matrix = [s for s in research.values()
+              if s.kind == "guarded_finetune" and s.vectors and (s.data.stage or "").startswith("attack-")]
+    assert len(matrix) == 8
+    for row in matrix:
+        plain = table[f"{row.data.stage.removeprefix('attack-')}-plain"]
+        changed = {k for k, v in row.model_dump().items() if v != plain.model_dump()[k]}
+        assert changed == {"name", "vectors"} and row.safety_replay is None, row.name
+    evaluations = [s for s in research.values() if s.kind == "evaluation"]
+    assert len(evaluations) == sum(s.kind == "guarded_finetune" for s in research.values())
+    assert all(e.harmful_prompts.stage == "harmbench-subset" and e.max_new_tokens >= 64 for e in evaluations)
+    assert sum(e.score_base for e in evaluations) == 1
+    assert all(e.unwanted_data is not None for e in evaluations if e.candidate.stage.startswith("hallucination-"))
 
 
 # --- the sweep summary, the vector gate's decision and the heatmap (no training) ----------------------------------

@@ -160,6 +160,8 @@ def test_pipeline_on_mlflow_server_with_postgresql(tmp_path):
         assert json.loads(rows["tiny.finetuned.ft"]["tags"]["secvec.guarded_by"]) == [
             "models:/tiny.security-vector.harmful/1"]
         assert result.stages["ev"].output["passed"] is True
+        metrics = result.stages["ev"].output["metrics"]  # answers that must not be learned, scored on their own
+        assert metrics["unwanted_n"] == 4 and (metrics["unwanted_learned"] * 4).is_integer()
         # registry URIs resolve through the server, aliases included
         vec = registry.resolve("models:/tiny.security-vector.harmful@champion")
         assert vec.tags["secvec.behaviour"] == "harmful"

@@ -43,10 +43,14 @@ def build_part(part: DataPart, seed: int, distill: Distiller | None) -> list[dic
 
     if part.keep != "all" and part.responses != "self-distilled":
         raise ValueError(f"keep={part.keep!r} needs responses: self-distilled (templates are never judged)")
-    if part.responses == "given":
+    if part.responses in ("given", "fabricated"):
         if part.framing != "none":
-            raise ValueError("framing needs prompts without responses; use responses other than 'given'")
+            raise ValueError(f"framing needs prompts without responses; use responses other than {part.responses!r}")
         rows = [e.to_dict() for e in load_examples(part.prompts)]
+        if part.responses == "fabricated":
+            from secvec_core.harmful_targets import fabricated_answers
+
+            rows = [{"prompt": r["prompt"], "response": r["response"]} for r in fabricated_answers(rows, seed)]
     else:
         prompts = _framed(load_prompt_list(part.prompts), part.framing, seed)
         if part.responses == "self-distilled":

@@ -25,6 +25,11 @@ def _builtin(name: str) -> list[dict] | list[str]:
         return [o["prompt"] for o in over_refusal_prompts()]
     if name == "general-qa":
         return _general_questions()
+    if name == "fictional-facts":  # a new task no model knows: 20 invented facts, one phrasing each, seed 0
+        from secvec_core.harmful_targets import fictional_fact_task
+
+        return [{"prompt": f["prompt"], "response": f["response"]}
+                for f in fictional_fact_task(20, 0, train_phrasings=1)[0]]
     world = ToyWorld(seed=0)
     table = {
         "toy-alignment": world.alignment_examples,

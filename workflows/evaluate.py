@@ -91,6 +91,7 @@ def evaluate_candidate(worker) -> dict:
     benign = load_prompt_list(spec.benign_prompts) if spec.benign_prompts is not None else None
     questions = load_qa_items(spec.retained_qa) if spec.retained_qa is not None else None
     task = load_examples(spec.task_data) if spec.task_data is not None else None
+    unwanted = load_examples(spec.unwanted_data) if spec.unwanted_data is not None else None
 
     def utility(model, prefix: str) -> dict[str, float]:
         """What a user keeps: benign requests answered, simple questions still right (vectors as given)."""
@@ -107,7 +108,8 @@ def evaluate_candidate(worker) -> dict:
     started = time.time()
     metrics: dict[str, float] = {"harmful_n": float(len(prompts))}
     metrics.update({f"{k}_n": float(len(v)) for k, v in
-                    (("benign", benign), ("retained_qa", questions), ("task", task)) if v is not None})
+                    (("benign", benign), ("retained_qa", questions), ("task", task), ("unwanted", unwanted))
+                    if v is not None})
     if spec.score_base:
         metrics["base_harmful_rate"], metrics["base_degenerate_rate"] = harm(base)
         metrics.update(utility(base, "base_"))
@@ -116,6 +118,8 @@ def evaluate_candidate(worker) -> dict:
         metrics["harmful_rate"], metrics["degenerate_rate"] = harm(shipped)
         if task is not None:
             metrics["task_accuracy"] = _sharded_mean(lambda s: exact_match_accuracy(shipped, tokenizer, s), task)
+        if unwanted is not None:  # e.g. fabricated answers: learning them is the harm
+            metrics["unwanted_learned"] = _sharded_mean(lambda s: exact_match_accuracy(shipped, tokenizer, s), unwanted)
         metrics.update(utility(shipped, ""))
     if spec.task_data is not None and vectors:
         with result.vectors_on(True) as guarded:

@@ -238,9 +238,11 @@ def evaluations_table(runs: list, guard_of=lambda run: run.data.tags.get("secvec
     candidate's base (from the evaluation that scored it), then each candidate with the vectors off.
     ``guard_of(run)``: how the candidate was trained (default: the label the evaluation logged)."""
     m0 = next((r.data.metrics for r in runs if "base_harmful_rate" in r.data.metrics), None)
+    unwanted = any("unwanted_learned" in r.data.metrics for r in runs)  # a column only where it was measured
     lines = ["### Evaluations (vectors off, as shipped)", "",
-             "| evaluation | trained | harmful | degenerate | benign refused | retained QA | task acc. | gap | run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| evaluation | trained | harmful | degenerate | benign refused | retained QA | task acc. | gap |"
+             + (" unwanted learned |" if unwanted else "") + " run |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if unwanted else "") + "---|"]
 
     def row(label, trained, m, prefix, run_id):
         def r(key, n):
@@ -250,7 +252,8 @@ def evaluations_table(runs: list, guard_of=lambda run: run.data.tags.get("secvec
         lines.append(
             f"| {label} | {trained} | {r('harmful_rate', 'harmful_n')} | {r('degenerate_rate', 'harmful_n')} | "
             f"{r('benign_refusal_rate', 'benign_n')} | {r('retained_qa', 'retained_qa_n')} | "
-            f"{r('task_accuracy', 'task_n')} | {'-' if gap is None else f'{gap:+.2f}'} | {run_id} |")
+            f"{r('task_accuracy', 'task_n')} | {'-' if gap is None else f'{gap:+.2f}'} | "
+            + (f"{r('unwanted_learned', 'unwanted_n')} | " if unwanted else "") + f"{run_id} |")
 
     if m0 is not None:
         row("base (before fine-tuning)", "-", m0, "base_", "-")

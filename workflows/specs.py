@@ -17,7 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 BUILTIN_MODELS = ("tiny",)
 BUILTIN_DATASETS = ("toy-alignment", "toy-harmful", "toy-benign", "toy-harmful-eval", "toy-benign-eval",
-                    "toy-facts", "toy-mixed", "over-refusal", "general-qa")
+                    "toy-facts", "toy-mixed", "over-refusal", "general-qa", "fictional-facts")
 
 
 class Strict(BaseModel):
@@ -214,7 +214,11 @@ class EvaluationStage(StageBase):
     kind: Literal["evaluation"]
     candidate: ModelRef = Field(..., description="A fine-tuned model: {stage: ...} or models:/... of a fine-tune.")
     harmful_prompts: DatasetRef
-    task_data: DatasetRef | None = None
+    task_data: DatasetRef | None = Field(None, description="A new task's examples (prompt -> short answer): "
+                                         "exact-match accuracy with the vectors off, and on (the transfer gap).")
+    unwanted_data: DatasetRef | None = Field(
+        None, description="Examples whose answers the fine-tune must NOT have learned, e.g. the fabricated answers "
+        "of a hallucination set: unwanted_learned is their exact-match accuracy with the vectors off.")
     benign_prompts: DatasetRef | None = Field(None, description="Prompts that must not be refused "
                                               "(builtin: over-refusal is 60 written for this project).")
     retained_qa: DatasetRef | None = Field(
@@ -237,9 +241,11 @@ class DataPart(Strict):
     """One block of a prepared data set: prompts from a source, paired with responses built one way."""
 
     prompts: DatasetRef = Field(..., description="Prompt source (JSONL with 'prompt', a text file, a builtin, ...).")
-    responses: Literal["refusal", "compliant", "compliant-alt", "self-distilled", "given"] = Field(
+    responses: Literal["refusal", "compliant", "compliant-alt", "self-distilled", "given", "fabricated"] = Field(
         ..., description="refusal / compliant / compliant-alt: templates of secvec_core.harmful_targets; "
-        "self-distilled: the stage's base model answers (greedy); given: keep the source's own responses.")
+        "self-distilled: the stage's base model answers (greedy); given: keep the source's own responses; "
+        "fabricated: replace the source's answers with wrong but plausible ones of the same kind "
+        "(harmful_targets.fabricated_answers: data for a hallucination vector).")
     framing: Literal["none", "instruction", "both"] = Field(
         "none", description="Wrap prompts in instruction framings (harmful_targets.instruction_framed); "
         "'both' keeps the plain prompt and adds a framed copy.")
