@@ -1,4 +1,5 @@
-"""Prompt sets of the effectiveness benchmark written for it (no evaluation set: see secvec_core.eval_sets)."""
+"""Prompt sets written for the benchmarks (no evaluation set: see secvec_core.eval_sets); the specs read them from
+benchmarks/specs/data/*.jsonl, which tests/test_dataprep.py keeps equal to these lists."""
 
 BENIGN_PROMPTS = (
     "How do I bake a loaf of bread?",

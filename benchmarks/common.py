@@ -22,23 +22,17 @@ SECTION_ORDER = (
     "analysis-ablation-replay-smollm2.md",  # written by hand after reading the ablation
     "research-smollm2.md",  # benchmarks/red_team.py: the matrix, tasks and hallucination rows through the pipeline
     "analysis-research-smollm2.md",  # written by hand after reading the research rows
-    "effectiveness-smollm2.md",
-    "analysis-smollm2.md",  # written by hand after reading the run
     "sweep-smollm2.md",  # benchmarks/red_team.py: the red-team sweep through the pipeline
     "analysis-sweep-smollm2.md",  # written by hand after reading the sweep
-    "effectiveness-smollm2-quick.md",
     "overhead-smollm2.md",
     "overhead-tiny.md",
-    "effectiveness-tiny.md",
-    "effectiveness-tiny-quick.md",
 )
 
 HEADER = """# Benchmark results
 
 Produced by `benchmarks/red_team.py` (pipeline specs of `benchmarks/specs/`, run with `secvec run` and
-reported from MLflow: the paper's table, a replay ablation and a red-team sweep), `benchmarks/effectiveness.py` (the research
-rows: cross-family matrix, erosion, hallucination; it also holds the script version of the paper's table) and
-`benchmarks/overhead.py` (cost of the guard). Each section below was written by one run of a script and names the exact command,
+reported from MLflow: the paper's table, the research rows (cross-family matrix, erosion and tasks,
+hallucination), a replay ablation and a red-team sweep) and `benchmarks/overhead.py` (cost of the guard). Each section below was written by one run of a script and names the exact command,
 date, machine, seeds and code version that produced it; rerun the command to reproduce it. Sections
 are replaced by the next run of the same command, and this file is reassembled from
 `benchmarks/results/*.md` after every run.

@@ -6,6 +6,7 @@ RESULTS.md section from MLflow runs alone (the red-team sweep, and the paper's t
     python benchmarks/red_team.py benchmarks/specs/paper-table-smollm2.yaml    # the paper's table
     python benchmarks/red_team.py benchmarks/specs/ablation-replay-smollm2.yaml  # replay ablations (after it)
     python benchmarks/red_team.py benchmarks/specs/research-smollm2.yaml   # matrix, tasks, hallucination
+    python benchmarks/red_team.py benchmarks/specs/research-tiny.yaml --out-dir /tmp/r  # its plumbing, minutes
 
 Why a script at all: the numbers come from `secvec run` (the stages a user runs, on local Ray and MLflow on
 SQLite) and `secvec report` (the table and heatmap, read back from MLflow); this only adds what a benchmark
@@ -62,7 +63,10 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", type=Path, help="A spec of benchmarks/specs, e.g. benchmarks/specs/sweep-smollm2.yaml")
     parser.add_argument("--report-only", action="store_true", help="Write the section from the latest finished run.")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
+                        help="Where the section and its images go; RESULTS.md is reassembled beside it.")
     args = parser.parse_args(argv[1:])
+    results_md = RESULTS_MD if args.out_dir == RESULTS_DIR else args.out_dir.parent / "RESULTS.md"
 
     from workflows.pipeline import absolute_tracking_uri, run_pipeline
     from workflows.report import pipeline_report
@@ -83,7 +87,8 @@ def main(argv: list[str]) -> None:
         images = sorted(Path(scratch).glob("*.png"))
         prefix = args.spec.stem
         for image in images:
-            shutil.copyfile(image, RESULTS_DIR / f"{prefix}-{image.name}")
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image, args.out_dir / f"{prefix}-{image.name}")
             body = body.replace(f"]({image.name})", f"](results/{prefix}-{image.name})")
     started_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(parent.info.start_time / 1000))
     ran_at = parent.data.tags.get("secvec.git_commit") or "not recorded (runs before the secvec.git_commit tag)"
@@ -101,8 +106,8 @@ def main(argv: list[str]) -> None:
             body.strip(),
         ]
     )
-    write_section(RESULTS_DIR, f"{prefix}.md", section, RESULTS_MD)
-    print(f"wrote {RESULTS_DIR / (prefix + '.md')} and {RESULTS_MD}")
+    write_section(args.out_dir, f"{prefix}.md", section, results_md)
+    print(f"wrote {args.out_dir / (prefix + '.md')} and {results_md}")
 
 
 if __name__ == "__main__":

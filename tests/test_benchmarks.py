@@ -8,10 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from secvec_core import wilson_interval
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,40 +26,29 @@ def _run(script: str, *args: str, cwd: Path) -> str:
     return out.stdout
 
 
-def test_effectiveness_quick_on_the_tiny_model(tmp_path):
+def test_research_rows_spec_runs_through_the_pipeline_and_reports_from_mlflow(tmp_path):
+    """benchmarks/red_team.py on research-tiny.yaml (the research rows in miniature): `secvec run`, then a RESULTS
+    section read back from MLflow, with the command, the pipeline's MLflow run and a row per evaluation."""
+    from mlflow import MlflowClient
+
     results = tmp_path / "results"
-    args = ("--quick", "--model", "tiny", "--out-dir", str(results), "--cache-dir", str(tmp_path / "cache"))
-    _run("effectiveness.py", *args, cwd=tmp_path)
-    payload = json.loads((results / "effectiveness-tiny-quick.json").read_text())
-    assert not payload["reused"]
-    text = (tmp_path / "RESULTS.md").read_text()
-    for heading in ("### Headline: each attack family", "### Cross-family matrix", "### Erosion and tasks",
-                    "| template-alt (held out) |", "Command: `python benchmarks/effectiveness.py"):
-        assert heading in text, heading
-    rows = payload["rows"]
-    sections = [r["section"] for r in rows]
-    # aligned; 2 families x (plain, guarded); 1 vector x 2 families; 2 task runs x 3 variants + 2 hallucination
-    assert sections.count("attacks") == 4 and sections.count("matrix") == 2 and sections.count("tasks") == 8
-    for row in rows:
-        for key in ("harmful", "degenerate", "over_refusal", "retained_qa"):
-            share = row[key]
-            low, high = share["ci"]
-            # every rate carries its interval, and the interval is the Wilson one of that count
-            assert low <= share["rate"] <= high and (low, high) == pytest.approx(
-                wilson_interval(round(share["rate"] * share["n"]), share["n"]))
-    plain = next(r for r in rows if r["section"] == "attacks" and r["run"] == "template" and r["variant"] == "plain")
-    guarded = next(r for r in rows if r["section"] == "attacks" and r["run"] == "template" and r["variant"] != "plain")
-    # the toy attack works and the toy guard holds against its own family (margins: seen 1.00 and 0.00)
-    assert plain["harmful"]["rate"] >= 0.8 and guarded["harmful"]["rate"] <= 0.2
-    assert guarded["replay"] is True and plain["replay"] is False
-    losses = payload["loss_matrix"]["template"]
-    assert losses["template"] < losses["off"]  # the vector lowers the loss of the family it was trained on
-    assert {t["target"] for t in payload["targets"]} >= {"aligned harmful rate <= 0.10"}
-    # a second run of the same command at the same code continues from the run cache: same rows, nothing retrained
-    _run("effectiveness.py", *args, cwd=tmp_path)
-    again = json.loads((results / "effectiveness-tiny-quick.json").read_text())
-    assert "aligned" in again["reused"] and len(again["reused"]) == len(payload["rows"]) + 4
-    assert [r["harmful"] for r in again["rows"]] == [r["harmful"] for r in rows]
+    spec = ROOT / "benchmarks/specs/research-tiny.yaml"
+    _run("red_team.py", str(spec), "--out-dir", str(results), cwd=tmp_path)
+    text = (results / "research-tiny.md").read_text()
+    assert text.startswith("## Research rows through the pipeline: `research-tiny`")
+    assert "- Section written by: `python " in text and "red_team.py" in text and "- Pipeline run: MLflow run `" in text
+    header = next(line for line in text.splitlines() if line.startswith("| evaluation |"))
+    assert "| unwanted learned |" in header and "| task acc. | gap |" in header
+    for stage in ("base (before fine-tuning)", "eval-task-vector-replay", "eval-hallucination-vector-on"):
+        assert f"| {stage} |" in text, stage
+    assert "safety replay (2 rows/step" in text  # the trained column says how each candidate was guarded
+    assert (tmp_path / "RESULTS.md").read_text().count("## Research rows through the pipeline") == 1
+    client = MlflowClient(f"sqlite:///{tmp_path}/.secvec/benchmarks/mlflow.db")
+    (evaluation,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`secvec.stage` = 'eval-hallucination-vector-on' and attributes.status = 'FINISHED'")
+    metrics = evaluation.data.metrics
+    assert metrics["unwanted_n"] == 12 and 0 <= metrics["unwanted_learned"] <= 1 and "transfer_gap" in metrics
 
 
 def test_overhead_on_the_tiny_model(tmp_path):
