@@ -20,8 +20,10 @@ SECTION_ORDER = (
     "analysis-paper-table-smollm2.md",  # written by hand after reading the run
     "ablation-replay-smollm2.md",  # benchmarks/red_team.py: replay ablations reusing the paper table's stages
     "analysis-ablation-replay-smollm2.md",  # written by hand after reading the ablation
-    "research-smollm2.md",  # benchmarks/red_team.py: the matrix, tasks and hallucination rows through the pipeline
-    "analysis-research-smollm2.md",  # written by hand after reading the research rows
+    "matrix-smollm2.md",  # benchmarks/red_team.py: each vector alone against each attack family
+    "analysis-matrix-smollm2.md",  # written by hand after reading the matrix
+    "tasks-smollm2.md",  # benchmarks/red_team.py: erosion by benign data, tasks, hallucination
+    "analysis-tasks-smollm2.md",  # written by hand after reading the task rows
     "sweep-smollm2.md",  # benchmarks/red_team.py: the red-team sweep through the pipeline
     "analysis-sweep-smollm2.md",  # written by hand after reading the sweep
     "overhead-smollm2.md",

@@ -5,8 +5,9 @@ RESULTS.md section from MLflow runs alone (the red-team sweep, and the paper's t
     python benchmarks/red_team.py benchmarks/specs/sweep-smollm2.yaml --report-only
     python benchmarks/red_team.py benchmarks/specs/paper-table-smollm2.yaml    # the paper's table
     python benchmarks/red_team.py benchmarks/specs/ablation-replay-smollm2.yaml  # replay ablations (after it)
-    python benchmarks/red_team.py benchmarks/specs/research-smollm2.yaml   # matrix, tasks, hallucination
-    python benchmarks/red_team.py benchmarks/specs/research-tiny.yaml --out-dir /tmp/r  # its plumbing, minutes
+    python benchmarks/red_team.py benchmarks/specs/matrix-smollm2.yaml     # each vector alone x each family
+    python benchmarks/red_team.py benchmarks/specs/tasks-smollm2.yaml      # erosion, tasks, hallucination
+    python benchmarks/red_team.py benchmarks/specs/tasks-tiny.yaml --out-dir /tmp/r  # its plumbing, minutes
 
 Why a script at all: the numbers come from `secvec run` (the stages a user runs, on local Ray and MLflow on
 SQLite) and `secvec report` (the table and heatmap, read back from MLflow); this only adds what a benchmark
@@ -94,7 +95,8 @@ def main(argv: list[str]) -> None:
     ran_at = parent.data.tags.get("secvec.git_commit") or "not recorded (runs before the secvec.git_commit tag)"
     title = ("Red team" if any(s.kind == "attack_sweep" for s in spec.stages)
              else "Ablation" if spec.name.startswith("ablation-")
-             else "Research rows" if spec.name.startswith("research-") else "The paper's table")
+             else "Cross-family matrix" if spec.name.startswith("matrix-")
+             else "Erosion, tasks and hallucination" if spec.name.startswith("tasks-") else "The paper's table")
     section = "\n".join(
         [
             f"## {title} through the pipeline: `{spec.name}`",
