@@ -26,23 +26,23 @@ def _run(script: str, *args: str, cwd: Path) -> str:
     return out.stdout
 
 
-def test_research_rows_spec_runs_through_the_pipeline_and_reports_from_mlflow(tmp_path):
-    """benchmarks/red_team.py on research-tiny.yaml (the research rows in miniature): `secvec run`, then a RESULTS
+def test_task_rows_spec_runs_through_the_pipeline_and_reports_from_mlflow(tmp_path):
+    """benchmarks/red_team.py on tasks-tiny.yaml (the task and hallucination rows in miniature): `secvec run`, then a RESULTS
     section read back from MLflow, with the command, the pipeline's MLflow run and a row per evaluation."""
     from mlflow import MlflowClient
 
     results = tmp_path / "results"
-    spec = ROOT / "benchmarks/specs/research-tiny.yaml"
+    spec = ROOT / "benchmarks/specs/tasks-tiny.yaml"
     _run("red_team.py", str(spec), "--out-dir", str(results), cwd=tmp_path)
-    text = (results / "research-tiny.md").read_text()
-    assert text.startswith("## Research rows through the pipeline: `research-tiny`")
+    text = (results / "tasks-tiny.md").read_text()
+    assert text.startswith("## Erosion, tasks and hallucination through the pipeline: `tasks-tiny`")
     assert "- Section written by: `python " in text and "red_team.py" in text and "- Pipeline run: MLflow run `" in text
     header = next(line for line in text.splitlines() if line.startswith("| evaluation |"))
     assert "| unwanted learned |" in header and "| task acc. | gap |" in header
     for stage in ("base (before fine-tuning)", "eval-task-vector-replay", "eval-hallucination-vector-on"):
         assert f"| {stage} |" in text, stage
     assert "safety replay (2 rows/step" in text  # the trained column says how each candidate was guarded
-    assert (tmp_path / "RESULTS.md").read_text().count("## Research rows through the pipeline") == 1
+    assert (tmp_path / "RESULTS.md").read_text().count("## Erosion, tasks and hallucination through") == 1
     client = MlflowClient(f"sqlite:///{tmp_path}/.secvec/benchmarks/mlflow.db")
     (evaluation,) = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],

@@ -306,36 +306,44 @@ def test_spec_prompt_files_are_the_benchmark_prompt_lists():
         (f"What is the capital of {country}? Answer with one word.", city) for country, city in CAPITALS]
 
 
-def test_research_spec_reuses_the_paper_tables_stages_and_keeps_two_families_from_every_vector():
-    """The research rows (matrix, tasks, hallucination) build on the paper table's stages verbatim (one run reuses
-    the other's), each matrix row is the table's plain attack with one vector on and no replay, and no vector's
-    data comes from the held-out families' prompts."""
+def test_research_specs_reuse_the_paper_tables_stages_and_keep_two_families_from_every_vector():
+    """The research rows (matrix-smollm2, tasks-smollm2) build on the paper table's stages verbatim (one run reuses
+    the other's), each matrix row is the table's plain attack with one vector on and no replay, no vector's data
+    comes from the held-out families' prompts, and every fine-tune is evaluated once on the same subset."""
     from workflows.specs import load_spec
 
     table = {s.name: s for s in load_spec(ROOT / "benchmarks/specs/paper-table-smollm2.yaml").stages}
-    research = {s.name: s for s in load_spec(ROOT / "benchmarks/specs/research-smollm2.yaml").stages}
-    shared = [n for n in research if n in table and table[n].kind != "evaluation"]
-    assert {"dna", "benign", "alignment-data", "align", "harm-vector", "template-plain", "persona-plain"} <= set(shared)
-    assert all(research[n] == table[n] for n in shared)
-    vectors = {n for n, s in research.items() if s.kind == "vector_training"}
-    assert vectors == {"harm-vector", "template-vector", "hallucination-vector"}
-    used_splits = set()
-    for name in vectors:
-        data = research[research[name].data.stage] if research[name].data.stage != "dna" else None
-        used_splits |= {p.prompts.split for p in (data.parts if data else []) if p.prompts.stage == "dna"}
-    assert used_splits == {"vector"}
-    matrix = [s for s in research.values()
-              if s.kind == "guarded_finetune" and s.vectors and (s.data.stage or "").startswith("attack-")]
-    assert len(matrix) == 8
-    for row in matrix:
+    specs = {name: {s.name: s for s in load_spec(ROOT / f"benchmarks/specs/{name}-smollm2.yaml").stages}
+             for name in ("matrix", "tasks")}
+    for name, research in specs.items():
+        shared = [n for n in research if n in table and table[n].kind != "evaluation"]
+        assert {"dna", "benign", "alignment-data", "align", "harm-vector"} <= set(shared), name
+        assert all(research[n] == table[n] for n in shared), name
+        for stage in set(research) & set(specs["matrix" if name == "tasks" else "tasks"]):
+            assert research[stage] == specs["matrix" if name == "tasks" else "tasks"][stage], stage
+        vectors = [s for s in research.values() if s.kind == "vector_training"]
+        for vector in vectors:
+            parts = research[vector.data.stage].parts
+            assert all(p.prompts.split == "vector" for p in parts if p.prompts.stage == "dna"), vector.name
+        evaluations = [s for s in research.values() if s.kind == "evaluation"]
+        finetunes = [s.name for s in research.values() if s.kind == "guarded_finetune"]
+        assert sorted(e.candidate.stage for e in evaluations) == sorted(finetunes), name
+        assert all(e.harmful_prompts.stage == "harmbench-subset" and e.max_new_tokens >= 64 for e in evaluations)
+        assert all(e.benign_prompts.builtin == "over-refusal" and e.retained_qa.builtin == "general-qa"
+                   for e in evaluations)
+        assert sum(e.score_base for e in evaluations) == 1, name
+    matrix = specs["matrix"]
+    assert {s.name for s in matrix.values() if s.kind == "vector_training"} == {"harm-vector", "template-vector"}
+    rows = [s for s in matrix.values() if s.kind == "guarded_finetune" and s.vectors]
+    assert len(rows) == 8 and len({(r.data.stage, r.vectors[0].stage) for r in rows}) == 8
+    for row in rows:
         plain = table[f"{row.data.stage.removeprefix('attack-')}-plain"]
         changed = {k for k, v in row.model_dump().items() if v != plain.model_dump()[k]}
         assert changed == {"name", "vectors"} and row.safety_replay is None, row.name
-    evaluations = [s for s in research.values() if s.kind == "evaluation"]
-    assert len(evaluations) == sum(s.kind == "guarded_finetune" for s in research.values())
-    assert all(e.harmful_prompts.stage == "harmbench-subset" and e.max_new_tokens >= 64 for e in evaluations)
-    assert sum(e.score_base for e in evaluations) == 1
-    assert all(e.unwanted_data is not None for e in evaluations if e.candidate.stage.startswith("hallucination-"))
+    tasks = specs["tasks"]
+    hallucination = [e for e in tasks.values() if e.kind == "evaluation" and e.candidate.stage.startswith("halluc")]
+    assert len(hallucination) == 2 and all(e.unwanted_data.stage == "capitals" for e in hallucination)
+    assert all(e.task_data.builtin == "fictional-facts" for e in tasks.values() if e.kind == "evaluation")
 
 
 # --- the sweep summary, the vector gate's decision and the heatmap (no training) ----------------------------------
