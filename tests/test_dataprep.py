@@ -373,6 +373,69 @@ CELLS = [
 BASELINE = {"harmful_rate": 0.0, "benign_refusal_rate": 0.05}
 
 
+def _sweep(**extra):
+    from workflows.specs import AttackSweepStage
+
+    return AttackSweepStage.model_validate({
+        "name": "red-team", "kind": "attack_sweep", "vectors": [{"stage": "vec"}], "data": {"builtin": "toy-harmful"},
+        "harmful_prompts": {"builtin": "toy-harmful-eval"}, **extra})
+
+
+def test_a_sweep_with_safety_replay_replays_in_the_guarded_arm_only_and_hashes_it_there(monkeypatch):
+    """`safety_replay` on a sweep qualifies the product recipe: every guarded arm replays (vectors off), the plain arm
+    (the attack's strength) never does, and only the guarded cells' hash changes, so plain arms are still shared."""
+    from types import SimpleNamespace
+
+    import secvec_core
+    from workflows import redteam
+    from workflows.stages import StageContext
+
+    replayed = _sweep(safety_replay={"data": {"builtin": "toy-alignment"}, "rows_per_step": 3, "weight": 0.5})
+    cell = grid_cells(replayed.grid)[0]
+
+    def hashes(spec):
+        ctx = StageContext(stage=spec.model_dump(mode="json"), pipeline="p", base_source="builtin:tiny",
+                           vector_refs=["models:/v/1"], candidate_uri=None, tracking_uri="sqlite:///x.db",
+                           experiment_id="0", parent_run_id=None, base_name="tiny", stage_hash="h",
+                           checkpoint_every=10, work_dir="w")
+        return redteam.cell_hashes(ctx, spec, cell)
+
+    (guarded, plain), (guarded_replay, plain_replay) = hashes(_sweep()), hashes(replayed)
+    assert plain == plain_replay and guarded != guarded_replay
+
+    calls = []
+
+    class Result:
+        history = type("History", (), {"final_loss": 0.5})()
+
+        def vectors_on(self, on):
+            import contextlib
+
+            return contextlib.nullcontext(None)
+
+    def fake_finetune(model, tokenizer, data, vectors, **kw):
+        calls.append((len(vectors), kw["safety_replay"]))
+        return Result()
+
+    monkeypatch.setattr(secvec_core, "guarded_finetune", fake_finetune)
+    monkeypatch.setattr(redteam, "_scores", lambda model, tokenizer, spec: {"harmful_rate": 0.0})
+    redteam._attack(object(), None, replayed, cell, [])
+    redteam._attack(object(), None, replayed, cell, ["vector"])
+    redteam._attack(object(), None, _sweep(), cell, ["vector"])
+    (plain_vectors, plain_arm), (_, guarded_arm), (_, without) = calls
+    assert plain_vectors == 0 and plain_arm is None and without is None
+    assert guarded_arm.describe() == {"examples": len(load_toy_alignment()), "rows_per_step": 3, "weight": 0.5,
+                                      "seed": replayed.training.seed}
+    tags = redteam.sweep_tags(SimpleNamespace(vector_refs=["models:/v/1"]), replayed)
+    assert tags["secvec.redteam.safety_replay"] == "3 rows/step, weight 0.5"
+
+
+def load_toy_alignment():
+    from secvec_core.toy_world import ToyWorld
+
+    return ToyWorld(seed=0).alignment_examples()
+
+
 def test_summary_names_the_worst_guarded_cell_and_the_attack_strength_there():
     from workflows.redteam import summarize
 

@@ -73,6 +73,8 @@ def cell_hashes(ctx: StageContext, spec: AttackSweepStage, cell: dict) -> tuple[
     vector_paths = {str(Path(v).resolve()) for v in ctx.vector_refs if not v.startswith("models:/")}
     plain_content = {k: v for k, v in content.items() if k not in vector_paths}
     guarded = {**inputs, "vectors": ctx.vector_refs, **({"local_content": content} if content else {})}
+    if spec.safety_replay is not None:  # only the guarded arm replays; without it the hash is as before
+        guarded["safety_replay"] = spec.safety_replay.model_dump(mode="json")
     plain = {**inputs, **({"local_content": plain_content} if plain_content else {})}
     return stage_hash(what, guarded), stage_hash(what, plain)
 
@@ -120,8 +122,20 @@ def _scores(model, tokenizer, spec: AttackSweepStage) -> dict[str, float]:
     return out
 
 
+def replay_for(spec: AttackSweepStage, seed: int):
+    """The guarded arms' safety replay (None when the spec has none), seeded like the cell's training."""
+    if spec.safety_replay is None:
+        return None
+    from secvec_core.replay import SafetyReplay
+    from workflows.datasets import load_examples
+
+    r = spec.safety_replay
+    return SafetyReplay(load_examples(r.data), rows_per_step=r.rows_per_step, weight=r.weight, seed=seed)
+
+
 def _attack(base, tokenizer, spec: AttackSweepStage, cell: dict, vectors: list) -> dict[str, float]:
-    """One arm: fine-tune a copy of the base on the attack data, score it with the vectors off."""
+    """One arm: fine-tune a copy of the base on the attack data, score it with the vectors off. The plain arm
+    (no vectors) never replays: it measures the attack's strength."""
     from secvec_core import TaskAdapterConfig, TrainingConfig, guarded_finetune
     from workflows.datasets import load_examples
 
@@ -137,6 +151,7 @@ def _attack(base, tokenizer, spec: AttackSweepStage, cell: dict, vectors: list) 
         mode=cell["mode"],
         training=training,
         task_adapter=adapter,
+        safety_replay=replay_for(spec, training.seed) if vectors else None,
     )
     with result.vectors_on(False) as shipped:
         scores = _scores(shipped, tokenizer, spec)
@@ -170,7 +185,9 @@ def run_cell(
         },
     )
     try:
-        run.log_params({"cell": cell, "vectors": ctx.vector_refs, "base_model": ctx.base_source})
+        replay = replay_for(spec, spec.training.seed)
+        run.log_params({"cell": cell, "vectors": ctx.vector_refs, "base_model": ctx.base_source,
+                        **({f"safety_replay.{k}": v for k, v in replay.describe().items()} if replay else {})})
         reused_plain = plain is not None
         if plain is None:
             plain = _attack(base, tokenizer, spec, cell, [])
@@ -249,6 +266,13 @@ def summarize(cells: list[dict], baseline: dict) -> dict[str, float | str]:
     return {**summary, "worst_cell": worst["label"], "worst_cell_run_id": worst["run_id"]}
 
 
+def sweep_tags(ctx: StageContext, spec: AttackSweepStage) -> dict[str, str]:
+    """What guarded the guarded arms, for the report: the vectors, and the safety replay if any."""
+    r = spec.safety_replay
+    return {"secvec.redteam.vectors": json.dumps(ctx.vector_refs),
+            "secvec.redteam.safety_replay": "none" if r is None else f"{r.rows_per_step} rows/step, weight {r.weight:g}"}
+
+
 def run_attack_sweep(ctx: StageContext, scaling: ScalingSpec) -> dict:
     """Run (or reuse) every cell as a Ray task, log the summary and heatmap on the sweep's run, apply the vector
     gate. Returns the stage output record (small: the per-cell table is the ``redteam/summary.json`` artifact)."""
@@ -270,13 +294,13 @@ def run_attack_sweep(ctx: StageContext, scaling: ScalingSpec) -> dict:
             "secvec.stage_kind": spec.kind,
             "secvec.stage_hash": ctx.stage_hash,
             "secvec.pipeline": ctx.pipeline,
-            "secvec.redteam.vectors": json.dumps(ctx.vector_refs),
+            **sweep_tags(ctx, spec),
         },
         existing_run_id=ctx.run_id,  # the run the driver created to claim this stage (workflows.claims)
     )
     try:
         if ctx.run_id:  # the claimed run was created by the driver with the stage tags only
-            run.set_tags({"secvec.redteam.vectors": json.dumps(ctx.vector_refs)})
+            run.set_tags(sweep_tags(ctx, spec))
         run.log_params({"stage": ctx.stage, "base_model": ctx.base_source, "vectors": ctx.vector_refs})
         client = MlflowClient(ctx.tracking_uri)
         resources = dict(scaling.resources_per_worker)

@@ -342,7 +342,9 @@ def sweep_section(client, run, out_dir: Path, counts: dict[str, float] | None = 
     return [
         f"## Red team `{stage}`",
         "",
-        f"Vectors: {run.data.tags.get('secvec.redteam.vectors', '?')}; gate "
+        f"Vectors: {run.data.tags.get('secvec.redteam.vectors', '?')}"
+        + (f" + safety replay ({replay}) in every guarded arm" if (replay := run.data.tags.get(
+            "secvec.redteam.safety_replay", "none")) != "none" else "") + "; gate "
         f"**{run.data.tags.get('secvec.gate', '?')}**: {run.data.tags.get('secvec.gate.reason', '')}",
         "",
         *cells_table(cells, counts),

@@ -346,6 +346,9 @@ class AttackSweepStage(StageBase):
     max_new_tokens: int = Field(64, gt=0, description="Tokens generated per answer (harm is judged on the opening).")
     gate: VectorGateSpec = VectorGateSpec()
     promote: bool = Field(True, description="Set 'champion' on each registered vector version that passes.")
+    safety_replay: SafetyReplaySpec | None = Field(
+        None, description="Qualify the recipe, not the vector alone: every guarded arm also replays these "
+        "alignment rows with the vectors off, as guarded_finetune does; the plain arm never replays.")
 
 
 Stage = Annotated[AlignmentStage | VectorTrainingStage | GuardedFinetuneStage | EvaluationStage
