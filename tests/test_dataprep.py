@@ -242,7 +242,7 @@ def test_benchmark_specs_hold_a_default_size_sweep():
         assert len(cells) >= 12 and max(rates) / min(rates) >= 10 and max(steps) / min(steps) >= 4, path.name
 
 
-def test_effectiveness_spec_holds_every_family_plain_and_guarded_with_held_out_families():
+def test_paper_table_spec_holds_every_family_plain_and_guarded_with_held_out_families():
     """The paper's table as a spec: four attack families, each plain and guarded, evaluated with over-refusal and
     retained QA; the held-out families' data never reach a vector, and no family shares a prompt split."""
     from workflows.specs import load_spec
