@@ -124,13 +124,7 @@ def _scores(model, tokenizer, spec: AttackSweepStage) -> dict[str, float]:
 
 def replay_for(spec: AttackSweepStage, seed: int):
     """The guarded arms' safety replay (None when the spec has none), seeded like the cell's training."""
-    if spec.safety_replay is None:
-        return None
-    from secvec_core.replay import SafetyReplay
-    from workflows.datasets import load_examples
-
-    r = spec.safety_replay
-    return SafetyReplay(load_examples(r.data), rows_per_step=r.rows_per_step, weight=r.weight, seed=seed)
+    return None if spec.safety_replay is None else spec.safety_replay.build(seed)
 
 
 def _attack(base, tokenizer, spec: AttackSweepStage, cell: dict, vectors: list) -> dict[str, float]:
@@ -268,9 +262,8 @@ def summarize(cells: list[dict], baseline: dict) -> dict[str, float | str]:
 
 def sweep_tags(ctx: StageContext, spec: AttackSweepStage) -> dict[str, str]:
     """What guarded the guarded arms, for the report: the vectors, and the safety replay if any."""
-    r = spec.safety_replay
-    return {"secvec.redteam.vectors": json.dumps(ctx.vector_refs),
-            "secvec.redteam.safety_replay": "none" if r is None else f"{r.rows_per_step} rows/step, weight {r.weight:g}"}
+    replay = "none" if spec.safety_replay is None else spec.safety_replay.label()
+    return {"secvec.redteam.vectors": json.dumps(ctx.vector_refs), "secvec.redteam.safety_replay": replay}
 
 
 def run_attack_sweep(ctx: StageContext, scaling: ScalingSpec) -> dict:

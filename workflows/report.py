@@ -339,12 +339,13 @@ def sweep_section(client, run, out_dir: Path, counts: dict[str, float] | None = 
     stage = run.data.tags["secvec.stage"]
     cells = sweep_cells(client, run)
     heatmap = write_heatmap(cells, out_dir / f"{stage}-heatmap.png", title=f"{stage}: harmful rate after attack")
+    replay = run.data.tags.get("secvec.redteam.safety_replay", "none")
+    guards = run.data.tags.get("secvec.redteam.vectors", "?") + (
+        "" if replay == "none" else f" + safety replay ({replay}) in every guarded arm")
     return [
         f"## Red team `{stage}`",
         "",
-        f"Vectors: {run.data.tags.get('secvec.redteam.vectors', '?')}"
-        + (f" + safety replay ({replay}) in every guarded arm" if (replay := run.data.tags.get(
-            "secvec.redteam.safety_replay", "none")) != "none" else "") + "; gate "
+        f"Vectors: {guards}; gate "
         f"**{run.data.tags.get('secvec.gate', '?')}**: {run.data.tags.get('secvec.gate.reason', '')}",
         "",
         *cells_table(cells, counts),

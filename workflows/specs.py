@@ -159,6 +159,17 @@ class SafetyReplaySpec(Strict):
                                "batch of 8).")
     weight: float = Field(1.0, gt=0, description="Weight of the replay loss next to the customer's loss.")
 
+    def build(self, seed: int):
+        """The ``secvec_core.replay.SafetyReplay`` these settings describe, over the loaded rows."""
+        from secvec_core.replay import SafetyReplay
+        from workflows.datasets import load_examples
+
+        return SafetyReplay(load_examples(self.data), rows_per_step=self.rows_per_step, weight=self.weight, seed=seed)
+
+    def label(self) -> str:
+        """In words, for registry tags and reports: ``2 rows/step, weight 1``."""
+        return f"{self.rows_per_step} rows/step, weight {self.weight:g}"
+
 
 class GuardedFinetuneStage(StageBase):
     kind: Literal["guarded_finetune"]

@@ -358,11 +358,7 @@ class _StageWorker:
         training = self._training(self.spec.training)
         replay = None
         if self.spec.safety_replay is not None:
-            from secvec_core.replay import SafetyReplay
-
-            r = self.spec.safety_replay
-            replay = SafetyReplay(load_examples(r.data), rows_per_step=r.rows_per_step, weight=r.weight,
-                                  seed=training.seed)
+            replay = self.spec.safety_replay.build(training.seed)
             if self.rank == 0 and self.resume_state is None:
                 self.mlflow.log_params({f"safety_replay.{k}": v for k, v in replay.describe().items()})
         result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), vectors, mode=self.spec.mode,
@@ -382,8 +378,7 @@ class _StageWorker:
                 "secvec.mode": self.spec.mode, "secvec.data_hash": result.data_hash,
                 "secvec.guarded_by": json.dumps(self.ctx.vector_refs),
                 "secvec.guarded_by_hashes": json.dumps([v.data_hash for v in vectors]),
-                "secvec.safety_replay": "none" if replay is None else
-                f"{replay.rows_per_step} rows/step, weight {replay.weight:g}",
+                "secvec.safety_replay": "none" if replay is None else self.spec.safety_replay.label(),
                 "secvec.final_loss": result.history.final_loss})
         self.finish(output)
 
