@@ -24,6 +24,8 @@ SECTION_ORDER = (
     "analysis-matrix-smollm2.md",  # written by hand after reading the matrix
     "tasks-smollm2.md",  # benchmarks/red_team.py: erosion by benign data, tasks, hallucination
     "analysis-tasks-smollm2.md",  # written by hand after reading the task rows
+    "replay-smollm2.md",  # benchmarks/red_team.py: the replay objectives side by side
+    "analysis-replay-smollm2.md",  # written by hand after reading the replay rows
     "sweep-smollm2.md",  # benchmarks/red_team.py: the red-team sweep through the pipeline
     "analysis-sweep-smollm2.md",  # written by hand after reading the sweep
     "overhead-smollm2.md",

@@ -7,6 +7,7 @@ RESULTS.md section from MLflow runs alone (the red-team sweep, and the paper's t
     python benchmarks/red_team.py benchmarks/specs/ablation-replay-smollm2.yaml  # replay ablations (after it)
     python benchmarks/red_team.py benchmarks/specs/matrix-smollm2.yaml     # each vector alone x each family
     python benchmarks/red_team.py benchmarks/specs/tasks-smollm2.yaml      # erosion, tasks, hallucination
+    python benchmarks/red_team.py benchmarks/specs/replay-smollm2.yaml     # replay objectives side by side
     python benchmarks/red_team.py benchmarks/specs/tasks-tiny.yaml --out-dir /tmp/r  # its plumbing, minutes
 
 Why a script at all: the numbers come from `secvec run` (the stages a user runs, on local Ray and MLflow on
@@ -96,7 +97,8 @@ def main(argv: list[str]) -> None:
     title = ("Red team" if any(s.kind == "attack_sweep" for s in spec.stages)
              else "Ablation" if spec.name.startswith("ablation-")
              else "Cross-family matrix" if spec.name.startswith("matrix-")
-             else "Erosion, tasks and hallucination" if spec.name.startswith("tasks-") else "The paper's table")
+             else "Erosion, tasks and hallucination" if spec.name.startswith("tasks-")
+             else "Replay objectives" if spec.name.startswith("replay-") else "The paper's table")
     section = "\n".join(
         [
             f"## {title} through the pipeline: `{spec.name}`",

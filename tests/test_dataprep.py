@@ -307,20 +307,21 @@ def test_spec_prompt_files_are_the_benchmark_prompt_lists():
 
 
 def test_research_specs_reuse_the_paper_tables_stages_and_keep_two_families_from_every_vector():
-    """The research rows (matrix-smollm2, tasks-smollm2) build on the paper table's stages verbatim (one run reuses
+    """The research rows (matrix-, tasks-, replay-smollm2) build on the paper table's stages verbatim (one run reuses
     the other's), each matrix row is the table's plain attack with one vector on and no replay, no vector's data
     comes from the held-out families' prompts, and every fine-tune is evaluated once on the same subset."""
     from workflows.specs import load_spec
 
     table = {s.name: s for s in load_spec(ROOT / "benchmarks/specs/paper-table-smollm2.yaml").stages}
     specs = {name: {s.name: s for s in load_spec(ROOT / f"benchmarks/specs/{name}-smollm2.yaml").stages}
-             for name in ("matrix", "tasks")}
+             for name in ("matrix", "tasks", "replay")}
     for name, research in specs.items():
         shared = [n for n in research if n in table and table[n].kind != "evaluation"]
         assert {"dna", "benign", "alignment-data", "align", "harm-vector"} <= set(shared), name
         assert all(research[n] == table[n] for n in shared), name
-        for stage in set(research) & set(specs["matrix" if name == "tasks" else "tasks"]):
-            assert research[stage] == specs["matrix" if name == "tasks" else "tasks"][stage], stage
+        for other in set(specs) - {name}:
+            for stage in set(research) & set(specs[other]):
+                assert research[stage] == specs[other][stage], (name, other, stage)
         vectors = [s for s in research.values() if s.kind == "vector_training"]
         for vector in vectors:
             parts = research[vector.data.stage].parts

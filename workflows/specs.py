@@ -158,17 +158,23 @@ class SafetyReplaySpec(Strict):
     rows_per_step: int = Field(2, gt=0, description="Replay rows added to every step (about a quarter of a "
                                "batch of 8).")
     weight: float = Field(1.0, gt=0, description="Weight of the replay loss next to the customer's loss.")
+    objective: Literal["responses", "aligned"] = Field(
+        "responses", description="'responses': cross-entropy on the rows' responses (trains the refusals in); "
+        "'aligned': KL from the aligned model (every adapter off) on the rows' response positions, so replay pulls "
+        "back toward the aligned model but not past it (lora mode only).")
 
     def build(self, seed: int):
         """The ``secvec_core.replay.SafetyReplay`` these settings describe, over the loaded rows."""
         from secvec_core.replay import SafetyReplay
         from workflows.datasets import load_examples
 
-        return SafetyReplay(load_examples(self.data), rows_per_step=self.rows_per_step, weight=self.weight, seed=seed)
+        return SafetyReplay(load_examples(self.data), rows_per_step=self.rows_per_step, weight=self.weight, seed=seed,
+                            objective=self.objective)
 
     def label(self) -> str:
-        """In words, for registry tags and reports: ``2 rows/step, weight 1``."""
-        return f"{self.rows_per_step} rows/step, weight {self.weight:g}"
+        """In words, for registry tags and reports: ``2 rows/step, weight 1`` (``, KL to aligned`` added)."""
+        objective = ", KL to aligned" if self.objective == "aligned" else ""
+        return f"{self.rows_per_step} rows/step, weight {self.weight:g}{objective}"
 
 
 class GuardedFinetuneStage(StageBase):
@@ -184,6 +190,13 @@ class GuardedFinetuneStage(StageBase):
     registered_model: str | None = Field(None, description="Defaults to '<base_name>.finetuned.<stage>'.")
     folding: FoldingSpec = Field(FoldingSpec(), description="The free guard (lora mode): vectors folded into "
                                  "a stashed copy of the base weights while the task adapter trains.")
+
+    @model_validator(mode="after")
+    def _aligned_replay_needs_lora(self) -> GuardedFinetuneStage:
+        if self.safety_replay is not None and self.safety_replay.objective == "aligned" and self.mode != "lora":
+            raise ValueError("safety_replay.objective 'aligned' needs mode 'lora' (in 'full' mode the base weights "
+                             "train, so there is no frozen aligned model); use objective 'responses'")
+        return self
 
 
 class GateSpec(Strict):
