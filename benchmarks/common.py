@@ -26,6 +26,8 @@ SECTION_ORDER = (
     "analysis-tasks-smollm2.md",  # written by hand after reading the task rows
     "replay-smollm2.md",  # benchmarks/red_team.py: the replay objectives side by side
     "analysis-replay-smollm2.md",  # written by hand after reading the replay rows
+    "hallucination-smollm2.md",  # benchmarks/red_team.py: the hallucination vector's strength sweep
+    "analysis-hallucination-smollm2.md",  # written by hand after reading the sweep
     "sweep-smollm2.md",  # benchmarks/red_team.py: the red-team sweep through the pipeline
     "analysis-sweep-smollm2.md",  # written by hand after reading the sweep
     "overhead-smollm2.md",

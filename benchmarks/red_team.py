@@ -8,6 +8,7 @@ RESULTS.md section from MLflow runs alone (the red-team sweep, and the paper's t
     python benchmarks/red_team.py benchmarks/specs/matrix-smollm2.yaml     # each vector alone x each family
     python benchmarks/red_team.py benchmarks/specs/tasks-smollm2.yaml      # erosion, tasks, hallucination
     python benchmarks/red_team.py benchmarks/specs/replay-smollm2.yaml     # replay objectives side by side
+    python benchmarks/red_team.py benchmarks/specs/hallucination-smollm2.yaml  # hallucination vector strength
     python benchmarks/red_team.py benchmarks/specs/tasks-tiny.yaml --out-dir /tmp/r  # its plumbing, minutes
 
 Why a script at all: the numbers come from `secvec run` (the stages a user runs, on local Ray and MLflow on
@@ -98,7 +99,8 @@ def main(argv: list[str]) -> None:
              else "Ablation" if spec.name.startswith("ablation-")
              else "Cross-family matrix" if spec.name.startswith("matrix-")
              else "Erosion, tasks and hallucination" if spec.name.startswith("tasks-")
-             else "Replay objectives" if spec.name.startswith("replay-") else "The paper's table")
+             else "Replay objectives" if spec.name.startswith("replay-")
+             else "Hallucination vector strength" if spec.name.startswith("hallucination-") else "The paper's table")
     section = "\n".join(
         [
             f"## {title} through the pipeline: `{spec.name}`",

@@ -307,17 +307,18 @@ def test_spec_prompt_files_are_the_benchmark_prompt_lists():
 
 
 def test_research_specs_reuse_the_paper_tables_stages_and_keep_two_families_from_every_vector():
-    """The research rows (matrix-, tasks-, replay-smollm2) build on the paper table's stages verbatim (one run reuses
+    """The research rows (matrix-, tasks-, replay-, hallucination-smollm2) build on the paper table's stages verbatim (one run reuses
     the other's), each matrix row is the table's plain attack with one vector on and no replay, no vector's data
     comes from the held-out families' prompts, and every fine-tune is evaluated once on the same subset."""
     from workflows.specs import load_spec
 
     table = {s.name: s for s in load_spec(ROOT / "benchmarks/specs/paper-table-smollm2.yaml").stages}
     specs = {name: {s.name: s for s in load_spec(ROOT / f"benchmarks/specs/{name}-smollm2.yaml").stages}
-             for name in ("matrix", "tasks", "replay")}
+             for name in ("matrix", "tasks", "replay", "hallucination")}
     for name, research in specs.items():
         shared = [n for n in research if n in table and table[n].kind != "evaluation"]
-        assert {"dna", "benign", "alignment-data", "align", "harm-vector"} <= set(shared), name
+        needs = {"dna", "benign", "alignment-data", "align"} | ({"harm-vector"} if name != "hallucination" else set())
+        assert needs <= set(shared), name
         assert all(research[n] == table[n] for n in shared), name
         for other in set(specs) - {name}:
             for stage in set(research) & set(specs[other]):
@@ -344,6 +345,12 @@ def test_research_specs_reuse_the_paper_tables_stages_and_keep_two_families_from
     tasks = specs["tasks"]
     hallucination = [e for e in tasks.values() if e.kind == "evaluation" and e.candidate.stage.startswith("halluc")]
     assert len(hallucination) == 2 and all(e.unwanted_data.stage == "capitals" for e in hallucination)
+    sweep = specs["hallucination"]  # every vector of the strength sweep differs from tasks-smollm2's in one setting
+    for vector in (s for s in sweep.values() if s.kind == "vector_training" and s.name != "hallucination-vector"):
+        base = tasks["hallucination-vector"].model_dump()
+        changed = {k for k, v in vector.model_dump().items() if v != base[k]} - {"name"}
+        assert changed in ({"training"}, {"benign_data"}), (vector.name, changed)
+    assert all(e.unwanted_data.stage == "capitals" for e in sweep.values() if e.kind == "evaluation")
     assert all(e.task_data.builtin == "fictional-facts" for e in tasks.values() if e.kind == "evaluation")
 
 

@@ -167,7 +167,8 @@ def test_replay_refuses_bad_settings(aligned, world):
 
 @pytest.mark.slow
 def test_replay_settings_from_the_spec_land_in_mlflow_params(tmp_path):
-    """Through the pipeline (local Ray, SQLite): the guarded fine-tune trains with replay and logs its settings."""
+    """Through the pipeline (local Ray, SQLite): the guarded fine-tune trains with replay (the KL objective, on a
+    Ray worker) and logs its settings."""
     from mlflow import MlflowClient
 
     from tests.e2e import small_pipeline
@@ -177,14 +178,17 @@ def test_replay_settings_from_the_spec_land_in_mlflow_params(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = small_pipeline(uri, tmp_path / "work", workers=1, name="replay")
     spec["stages"] = spec["stages"][:2]
-    spec["stages"][1]["safety_replay"] = {"data": {"builtin": "toy-alignment", "limit": 12}, "rows_per_step": 3}
+    spec["stages"][1]["safety_replay"] = {"data": {"builtin": "toy-alignment", "limit": 12}, "rows_per_step": 3,
+                                          "objective": "aligned"}
     run_pipeline(parse_spec(spec))
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("secvec-replay")
     [stage_run] = client.search_runs([experiment.experiment_id], "tags.`secvec.stage` = 'ft'")
     params = stage_run.data.params
     assert params["safety_replay.rows_per_step"] == "3" and params["safety_replay.examples"] == "12"
-    assert params["safety_replay.weight"] == "1.0" and params["safety_replay.objective"] == "responses"
+    assert params["safety_replay.weight"] == "1.0" and params["safety_replay.objective"] == "aligned"
+    labels = {v.tags.get("secvec.safety_replay") for v in client.search_model_versions()}
+    assert "3 rows/step, weight 1, KL to aligned" in labels  # the registered version says how it was guarded
 
 
 def test_replay_spec_objective_reaches_the_label_and_full_mode_is_refused_at_parse_time():
