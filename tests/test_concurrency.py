@@ -149,6 +149,34 @@ def test_two_claims_created_at_the_same_moment_never_both_win(store, monkeypatch
     assert len(deleted) == 1 and deleted[0].info.status == "FAILED"
 
 
+def test_a_rival_that_finishes_between_our_two_looks_is_reused_not_trained_again(store, monkeypatch):
+    """The window between "is a finished run there?" and "is a live claim there?": the rival finishes right after
+    our first look, so the second finds no live claim. We may claim, but must look for a finished run once more
+    after claiming (a rival RUNNING at our rival search was seen; one FINISHED by then is found now), withdraw,
+    and reuse its result: one stage hash, one trained version. (Seen as two versions per stage hash when two
+    `secvec run`s of one spec ran on a loaded machine.)"""
+    uri, experiment_id = store
+    monkeypatch.setattr(claims_module.time, "sleep", lambda s: None)
+    claims = StageClaims(uri, experiment_id)
+    rival = _stage_run(uri, experiment_id)
+    claims_module._HELD.add(rival)  # a live claim (another driver's, played by this process)
+    looks: list[int] = []
+
+    def finished_after_first_look():
+        looks.append(1)
+        if len(looks) == 1:  # the rival finishes just after this look
+            MlflowClient(uri).set_terminated(rival, "FINISHED")
+            claims_module._HELD.discard(rival)
+            return None
+        return {"uri": "models:/tiny.security-vector.harmful/1"}
+
+    claim = claims.acquire(DIGEST, lambda: _stage_run(uri, experiment_id), finished_after_first_look, "vec")
+    assert claim.reused_output == {"uri": "models:/tiny.security-vector.harmful/1"} and claim.run_id is None
+    assert _running(uri, experiment_id) == [], "our claim was withdrawn, nothing of ours trains"
+    deleted = MlflowClient(uri).search_runs([experiment_id], run_view_type=2)  # DELETED_ONLY
+    assert len(deleted) == 1 and deleted[0].info.status == "FAILED"
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -4,7 +4,8 @@ MLflow offers no lock, so a claim is the stage's own MLflow run: RUNNING, tagged
 (host, pid and process start time of the driver) and a heartbeat the driver refreshes. A driver claims a stage by
 creating that run and then looking for other live runs with the same hash: creating is the "raise my hand" and
 the search after it the "look around", so of two drivers that race, at least one sees the other (whichever
-searched later). A driver that sees a rival withdraws (its run is deleted) and retries after a random pause; a
+searched later). After the search it looks for a finished run once more: a rival that finished between the first
+look and the search was in neither. A driver that sees a rival withdraws (its run is deleted) and retries after a random pause; a
 live claim held by another driver is waited for, and its registered result reused when it finishes.
 
 A claim is stale when its owner is a process of this host that no longer exists (``kill -9``), or, for
@@ -179,10 +180,15 @@ class StageClaims:
                 run_id = create_run()
                 _HELD.add(run_id)  # ours and alive; the caller keeps holding it (Heartbeat.hold) until the stage ends
                 rivals = [r for r in self.live_claims(digest) if r.info.run_id != run_id]
-                if not rivals:
+                # A rival that finished between our first look (find_finished) and our rival search was in
+                # neither: look again now. One RUNNING at the search was seen; one FINISHED by then is found here.
+                finished = None if rivals else find_finished()
+                if not rivals and finished is None:
                     return Claim(run_id=run_id)
                 _HELD.discard(run_id)
                 self.withdraw(run_id)  # both may withdraw; the random pause breaks the tie on the next round
+                if finished is not None:
+                    return Claim(reused_output=finished)
                 time.sleep(random.uniform(0.2, 2.0))
                 continue
             holder = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id))
