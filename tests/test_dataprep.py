@@ -433,7 +433,7 @@ def test_a_sweep_with_safety_replay_replays_in_the_guarded_arm_only_and_hashes_i
     (plain_vectors, plain_arm), (_, guarded_arm), (_, without) = calls
     assert plain_vectors == 0 and plain_arm is None and without is None
     assert guarded_arm.describe() == {"examples": len(load_toy_alignment()), "rows_per_step": 3, "weight": 0.5,
-                                      "seed": replayed.training.seed}
+                                      "seed": replayed.training.seed, "objective": "responses"}
     tags = redteam.sweep_tags(SimpleNamespace(vector_refs=["models:/v/1"]), replayed)
     assert tags["secvec.redteam.safety_replay"] == "3 rows/step, weight 0.5"
 
