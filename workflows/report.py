@@ -46,7 +46,7 @@ def write_chart(rows: list[dict], path: str | Path) -> Path:
     labels = ["before fine-tuning"] + [r["stage"] for r in rows]
     harmful = [base_harmful_rate(rows)] + [r["harmful_rate"] for r in rows]
     accuracy = [None] + [r["task_accuracy"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.8 * len(labels)), 4.4))  # room for long stage names, tilted
     xs = range(len(labels))
     ax.bar(
         [x - 0.2 for x in xs], [h or 0 for h in harmful], width=0.4, label="harmful rate (vector off)", color="#c0392b"
@@ -61,7 +61,7 @@ def write_chart(rows: list[dict], path: str | Path) -> Path:
     for x, h, a in zip(xs, harmful, accuracy, strict=True):
         ax.text(x - 0.2, (h or 0) + 0.02, f"{h:.2f}" if h is not None else "", ha="center", fontsize=8)
         ax.text(x + 0.2, (a or 0) + 0.02, f"{a:.2f}" if a is not None else "", ha="center", fontsize=8)
-    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_xticks(list(xs), labels, fontsize=8, rotation=30, ha="right", rotation_mode="anchor")
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("rate")
     ax.set_title("secvec: harmful rate and task accuracy")
