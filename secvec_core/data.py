@@ -14,6 +14,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+ROUTE_FLAG = "vectors_off"  # row key: True = the row trains with the vectors off (secvec_core.routing)
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,8 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], max_length: int, t
 
 
 def collate(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch for training (labels padded with IGNORE_INDEX)."""
+    """Right-padded batch for training (labels padded with IGNORE_INDEX). Rows routed to train with the
+    vectors off (:mod:`secvec_core.routing`) add a boolean ``vectors_off`` tensor, one flag per row."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -215,7 +217,10 @@ def collate(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(r["input_ids"])
         labels[i, :n] = torch.tensor(r["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(ROUTE_FLAG in r for r in rows):
+        batch[ROUTE_FLAG] = torch.tensor([bool(r.get(ROUTE_FLAG, False)) for r in rows])
+    return batch
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:

@@ -36,7 +36,8 @@ from secvec_core.data import Example, dataset_hash, pad_token_id, to_examples, t
 from secvec_core.distributed import gathered_state_dict, is_sharded, rank_and_world
 from secvec_core.fingerprint import model_fingerprint
 from secvec_core.folding import FoldingError, FoldingOptions, folded_vectors, why_not_foldable
-from secvec_core.replay import SafetyReplay, replay_loss
+from secvec_core.replay import SafetyReplay, only_adapters, replay_loss
+from secvec_core.routing import VectorRouting, route_rows
 from secvec_core.seeding import seeded
 from secvec_core.training import TrainingHistory, TrainingHooks, train_loop
 from secvec_core.vectors import SecurityVector
@@ -76,6 +77,7 @@ class GuardedFinetuneResult:
     vectors: list[dict] = field(default_factory=list)
     folded: bool = False  # trained with the vectors folded into the (since restored) base weights
     safety_replay: dict | None = None  # SafetyReplay.describe() when replay was on
+    vector_routing: dict | None = None  # RoutingDecision.describe() when routing was on
 
     @contextlib.contextmanager
     def vectors_on(self, on: bool = True) -> Iterator[nn.Module]:
@@ -169,6 +171,7 @@ class GuardedFinetuneResult:
                 "weights_sha256": sha256_file(tmp / weights_file),
                 "steps": self.history.steps,
                 "safety_replay": self.safety_replay,
+                "vector_routing": self.vector_routing,
             })
         return directory
 
@@ -196,6 +199,7 @@ def guarded_finetune(
     parallelize=None,
     base_fingerprint: str | None = None,
     safety_replay: SafetyReplay | None = None,
+    vector_routing: VectorRouting | None = None,
 ) -> GuardedFinetuneResult:
     """Fine-tune on ``data`` with every vector switched on and frozen.
 
@@ -221,6 +225,10 @@ def guarded_finetune(
     alignment rows with the vectors **off**, against erosion of alignment by the customer's data and
     over-refusal learned in the vector's blind spots. Replay needs the vectors as separate adapters, so
     it trains unmerged (folding off).
+
+    ``vector_routing`` (:mod:`secvec_core.routing`): rows whose loss the vectors lower by less than
+    ``min_gain`` nats per token train with the vectors off, so the task they teach holds as shipped; the
+    rows the vectors explain keep the guard. Also trains unmerged.
     """
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
@@ -234,6 +242,11 @@ def guarded_finetune(
     if safety_replay is not None and fold_vectors:
         raise FoldingError("safety_replay runs the shipped weights with the vectors off, so the vectors must stay "
                            "separate adapters: pass fold_vectors=None or False")
+    if vector_routing is not None and fold_vectors:
+        raise FoldingError("vector_routing trains some rows with the vectors off, so the vectors must stay "
+                           "separate adapters: pass fold_vectors=None or False")
+    if vector_routing is not None and not vectors:
+        raise ValueError("vector_routing needs vectors: it decides which rows train with them off")
     training = training or TrainingConfig()
     examples = to_examples(data)
     loaded = [v if isinstance(v, SecurityVector) else SecurityVector.load(v) for v in vectors]
@@ -263,12 +276,18 @@ def guarded_finetune(
     rows = tokenize_examples(tokenizer, examples, training.max_length, training.truncation)
     pad = pad_token_id(tokenizer)
     folding = folding or FoldingOptions()
-    fold = _decide_folding(peft_model, names, mode, False if safety_replay is not None else fold_vectors,
-                           folding.allow_lossy)
+    unmerged = safety_replay is not None or vector_routing is not None
+    fold = _decide_folding(peft_model, names, mode, False if unmerged else fold_vectors, folding.allow_lossy)
+    shipped = [TASK_ADAPTER] if mode == "lora" else []
     extra_loss = None
     if safety_replay is not None:
-        extra_loss = replay_loss(safety_replay, tokenizer, training.max_length, pad,
-                                 [TASK_ADAPTER] if mode == "lora" else [])
+        extra_loss = replay_loss(safety_replay, tokenizer, training.max_length, pad, shipped)
+    routing = None
+    if vector_routing is not None:
+        routing = route_rows(peft_model, rows, pad, vector_routing, [*names, *shipped], shipped)
+        rows = routing.apply(rows)
+        logger.info("vector routing: %d of %d rows train with the vectors off (gain < %g nats/token)",
+                    sum(routing.vectors_off), len(rows), vector_routing.min_gain)
     if fold:
         activate(peft_model, [TASK_ADAPTER], trainable=[TASK_ADAPTER])
         try:
@@ -280,7 +299,8 @@ def guarded_finetune(
             activate(peft_model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
     else:
         history = train_loop(peft_model, rows, pad, training, hooks=hooks, extra_loss=extra_loss,
-                             description="guarded-finetune" if names else "finetune", parallelize=parallelize)
+                             description="guarded-finetune" if names else "finetune", parallelize=parallelize,
+                             vectors_off=lambda m: only_adapters(m, shipped))
     return GuardedFinetuneResult(
         mode=mode, model=peft_model, vector_names=names, base_fingerprint=fingerprint,
         data_hash=dataset_hash(examples), history=history,
@@ -288,6 +308,7 @@ def guarded_finetune(
         vectors=[{"name": v.name, "behaviour": v.config.behaviour, "data_hash": v.data_hash} for v in loaded],
         folded=fold,
         safety_replay=safety_replay.describe() if safety_replay is not None else None,
+        vector_routing=routing.describe() if routing is not None else None,
     )
 
 

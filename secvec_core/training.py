@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from secvec_core import distributed
 from secvec_core.config import TrainingConfig
-from secvec_core.data import IGNORE_INDEX, collate
+from secvec_core.data import IGNORE_INDEX, ROUTE_FLAG, collate
 from secvec_core.distributed import rank_and_world
 from secvec_core.precision import autocast, bf16_compute
 
@@ -104,18 +104,44 @@ class _TrainingStep(nn.Module):
     ``extra_loss`` runs the model again (KL on benign text, a replay with the vectors switched off).
     ``extra_loss`` receives the plain model, never the DDP wrapper."""
 
-    def __init__(self, model: nn.Module, extra_loss: Callable[[nn.Module], torch.Tensor] | None) -> None:
+    def __init__(self, model: nn.Module, extra_loss: Callable[[nn.Module], torch.Tensor] | None,
+                 vectors_off: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> None:
         super().__init__()
         self.model = model
         self.extra_loss = extra_loss
+        self.vectors_off = vectors_off
 
     def forward(self, batch: dict[str, torch.Tensor], weight: float, extra_weight: float):
-        loss = response_loss(self.model, batch)
+        off = batch.get(ROUTE_FLAG)
+        if off is not None and bool(off.any()):
+            loss = self._routed_loss(batch, off)
+        else:
+            loss = response_loss(self.model, batch)
         total = loss * weight if weight != 1.0 else loss
         if self.extra_loss is not None:
             extra = self.extra_loss(self.model)
             total = total + (extra * extra_weight if extra_weight != 1.0 else extra)
         return total, loss.detach()
+
+
+    def _routed_loss(self, batch: dict[str, torch.Tensor], off: torch.Tensor) -> torch.Tensor:
+        """The batch's mean response loss when some rows run with the vectors off: each group in its own
+        forward pass, their token sums added, so the value and gradient equal one pass over the batch when
+        no row is routed off."""
+        if self.vectors_off is None:
+            raise ValueError("rows are routed to train with the vectors off, but the loop has no vectors_off context")
+        total, tokens = None, response_tokens(batch)
+        for rows, context in ((~off, contextlib.nullcontext), (off, self.vectors_off)):
+            sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
+            sub_tokens = response_tokens(sub)
+            if sub_tokens == 0:
+                continue
+            with context(self.model):
+                part = response_loss(self.model, sub) * sub_tokens
+            total = part if total is None else total + part
+        if total is None:
+            raise ValueError("a training batch has no response tokens (every response was truncated away)")
+        return total / tokens
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig):
@@ -184,6 +210,7 @@ def train_loop(
     hooks: TrainingHooks | None = None,
     description: str = "training",
     parallelize: Callable[[nn.Module, dict], nn.Module] | None = None,
+    vectors_off: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
 ) -> TrainingHistory:
     """Train the parameters that have ``requires_grad`` on ``rows`` (output of ``tokenize_examples``).
 
@@ -193,7 +220,8 @@ def train_loop(
     micro-batches); under DDP each rank adds its own, and DDP averages the gradients. ``parallelize``
     replaces the DDP wrapper (``(module, ddp_kwargs) -> wrapped``, e.g. Ray Train's ``prepare_model``).
     After FSDP training the model stays sharded: use :func:`secvec_core.distributed.gathered_state_dict`
-    on every rank to get its weights.
+    on every rank to get its weights. ``vectors_off(model)``: the context in which rows flagged
+    ``vectors_off`` (:mod:`secvec_core.routing`) run; the other rows of a batch run as the model is.
     """
     hooks = hooks or TrainingHooks()
     rank, world = rank_and_world()
@@ -208,7 +236,7 @@ def train_loop(
     engine_name = distributed.choose_engine(config.parallel, model)
     if config.gradient_checkpointing:
         _set_gradient_checkpointing(model, True)
-    step_module = _TrainingStep(model, extra_loss)
+    step_module = _TrainingStep(model, extra_loss, vectors_off)
     if engine_name == "fsdp":
         distributed.shard_fsdp(model, bf16_compute=bf16)
         engine: nn.Module = step_module

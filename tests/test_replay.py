@@ -146,9 +146,10 @@ def test_replay_refuses_bad_settings(aligned, world):
 
 
 @pytest.mark.slow
-def test_replay_settings_from_the_spec_land_in_mlflow_params(tmp_path):
+def test_replay_and_routing_settings_from_the_spec_land_in_mlflow(tmp_path):
     """Through the pipeline (local Ray, SQLite): the guarded fine-tune trains with replay (the KL objective, on a
-    Ray worker) and logs its settings."""
+    Ray worker) and vector routing, and logs the settings of both and how many rows routing sent off. (One
+    pipeline run for both remedies: each run costs a Ray start.)"""
     from mlflow import MlflowClient
 
     from tests.e2e import small_pipeline
@@ -160,6 +161,7 @@ def test_replay_settings_from_the_spec_land_in_mlflow_params(tmp_path):
     spec["stages"] = spec["stages"][:2]
     spec["stages"][1]["safety_replay"] = {"data": {"builtin": "toy-alignment", "limit": 12}, "rows_per_step": 3,
                                           "objective": "aligned"}
+    spec["stages"][1]["vector_routing"] = {"min_gain": 0.25}
     run_pipeline(parse_spec(spec))
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("secvec-replay")
@@ -169,6 +171,11 @@ def test_replay_settings_from_the_spec_land_in_mlflow_params(tmp_path):
     assert params["safety_replay.weight"] == "1.0" and params["safety_replay.objective"] == "aligned"
     labels = {v.tags.get("secvec.safety_replay") for v in client.search_model_versions()}
     assert "3 rows/step, weight 1, KL to aligned" in labels  # the registered version says how it was guarded
+    assert params["vector_routing.min_gain"] == "0.25"
+    metrics = stage_run.data.metrics
+    assert metrics["vector_routing.rows"] == 24 and 0 <= metrics["vector_routing.rows_vectors_off"] <= 24
+    routing = {v.tags.get("secvec.vector_routing") for v in client.search_model_versions()}
+    assert "rows gaining < 0.25 nats/token train vectors off" in routing
 
 
 def test_replay_spec_objective_reaches_the_label_and_full_mode_is_refused_at_parse_time():

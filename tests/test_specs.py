@@ -155,3 +155,31 @@ def test_local_content_digests_follow_edits_of_data_files_and_model_directories(
     stat = (model / "model.safetensors").stat()
     os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # rewritten weights
     assert local_content_digests(stage, inputs)[str(model.resolve())] != after_data[str(model.resolve())]
+
+
+
+def test_routing_spec_reaches_the_label_refuses_bad_stages_and_leaves_old_hashes_alone():
+    """Parse-time refusals (no vectors, folding demanded), the words in the registry tag and the report, and the
+    stage hash: a stage without routing hashes as it did before the option existed, so finished runs are reused."""
+    from pydantic import ValidationError
+
+    from workflows.evaluate import guard_label
+    from workflows.specs import GuardedFinetuneStage, VectorRoutingSpec
+
+    stage = {"name": "ft", "kind": "guarded_finetune", "data": {"builtin": "toy-facts"},
+             "vectors": [{"stage": "vec"}]}
+    plain = GuardedFinetuneStage.model_validate(stage)
+    assert "vector_routing" not in plain.hash_fields() and plain.hash_fields()["vectors"]
+    routed = GuardedFinetuneStage.model_validate({**stage, "vector_routing": {"min_gain": 1}})
+    assert routed.hash_fields()["vector_routing"] == {"min_gain": 1.0}
+    assert routed.vector_routing.build().min_gain == 1.0
+    with pytest.raises(ValidationError, match="needs vectors"):
+        GuardedFinetuneStage.model_validate({**stage, "vectors": [], "vector_routing": {}})
+    with pytest.raises(ValidationError, match="cannot be folded"):
+        GuardedFinetuneStage.model_validate({**stage, "vector_routing": {}, "folding": {"fold": True}})
+    with pytest.raises(ValidationError):
+        VectorRoutingSpec(min_gain=float("inf"))
+    tags = {"secvec.guarded_by": json.dumps(["models:/b.security-vector.harmful/1"]),
+            "secvec.vector_routing": VectorRoutingSpec().label()}
+    assert guard_label(tags) == ("vectors b.security-vector.harmful/1 + routing (rows gaining < 0.5 nats/token "
+                                 "train vectors off)")

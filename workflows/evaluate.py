@@ -42,13 +42,16 @@ def gate_decision(metrics: dict[str, float], gate) -> tuple[bool, str]:
 
 
 def guard_label(tags: dict[str, str]) -> str:
-    """How a fine-tuned version was trained, in words: "plain", its vectors, its safety replay, or both."""
+    """How a fine-tuned version was trained, in words: "plain", or its vectors with their safety replay and
+    vector routing."""
     vectors = [ref.removeprefix("models:/") for ref in json.loads(tags.get("secvec.guarded_by", "[]"))]
     replay = tags.get("secvec.safety_replay", "none")
     replay_words = None if replay == "none" else f"safety replay ({replay})"
     if not vectors:
         return "plain" if replay_words is None else f"{replay_words} only, no vector"
-    return f"vectors {', '.join(vectors)}" + ("" if replay_words is None else f" + {replay_words}")
+    routing = tags.get("secvec.vector_routing", "none")
+    return (f"vectors {', '.join(vectors)}" + ("" if replay_words is None else f" + {replay_words}")
+            + ("" if routing == "none" else f" + routing ({routing})"))
 
 
 def evaluate_candidate(worker) -> dict:

@@ -206,7 +206,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
         init_ray(num_cpus, os.environ.get("SECVEC_RAY_TEMP_DIR"))  # Ray's unix sockets need a short path
         for stage in spec.stages:
             inputs = _resolve_inputs(spec, stage, result, tracking_uri)
-            stage_dict = stage.model_dump(mode="json")
+            stage_dict = stage.hash_fields()
             hashed = {k: v for k, v in inputs.items() if k != "datasets" or v}  # hashes of older pipelines stay
             content = local_content_digests(stage, inputs)
             if content:  # a local file edited in place is new input, not a reason to reuse

@@ -206,7 +206,10 @@ def _stage_summary(run) -> str:
         )
         return f"{counts} examples (seed {tags.get('secvec.data.seed', '?')})"
     loss = m.get("vector.final_loss", m.get("loss"))
-    return f"{tags.get('secvec.output_uri', '')}" + (f", final loss {loss:.3f}" if loss is not None else "")
+    text = f"{tags.get('secvec.output_uri', '')}" + (f", final loss {loss:.3f}" if loss is not None else "")
+    if "vector_routing.rows_vectors_off" in m:
+        text += f", {int(m['vector_routing.rows_vectors_off'])} of {int(m['vector_routing.rows'])} rows vectors off"
+    return text
 
 
 def cells_table(cells: list[dict], counts: dict[str, float] | None = None) -> list[str]:

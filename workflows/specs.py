@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -118,6 +118,15 @@ class StageBase(Strict):
     name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,40}$", description="Unique stage name (lowercase).")
     base_model: ModelRef | None = Field(None, description="Defaults to the pipeline's base_model.")
 
+    # Options added after stages were first hashed: left out of the stage hash while unset (None), so a
+    # finished stage that does not use them is still reused by a newer version of the code.
+    HASHED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = frozenset()
+
+    def hash_fields(self) -> dict:
+        """The spec as the pipeline hashes it to decide reuse (see ``HASHED_ONLY_WHEN_SET``)."""
+        dumped = self.model_dump(mode="json")
+        return {k: v for k, v in dumped.items() if not (k in self.HASHED_ONLY_WHEN_SET and v is None)}
+
 
 class AlignmentStage(StageBase):
     """Safety SFT of the base: refuse harmful prompts, keep answering benign ones. Ships full weights either way."""
@@ -177,6 +186,25 @@ class SafetyReplaySpec(Strict):
         return f"{self.rows_per_step} rows/step, weight {self.weight:g}{objective}"
 
 
+class VectorRoutingSpec(Strict):
+    """Customer rows the vectors do not explain train with the vectors off, so the task they teach holds as
+    shipped; the rows the vectors explain (their loss drops by at least ``min_gain``) keep the guard."""
+
+    min_gain: float = Field(0.5, allow_inf_nan=False, description="Nats per response token by which the vectors "
+                            "must lower a row's loss (measured once, before training) for the row to keep the "
+                            "guard; rows below it train with the vectors off.")
+
+    def build(self):
+        """The ``secvec_core.routing.VectorRouting`` these settings describe."""
+        from secvec_core.routing import VectorRouting
+
+        return VectorRouting(min_gain=self.min_gain)
+
+    def label(self) -> str:
+        """In words, for registry tags and reports."""
+        return f"rows gaining < {self.min_gain:g} nats/token train vectors off"
+
+
 class GuardedFinetuneStage(StageBase):
     kind: Literal["guarded_finetune"]
     data: DatasetRef
@@ -190,6 +218,20 @@ class GuardedFinetuneStage(StageBase):
     registered_model: str | None = Field(None, description="Defaults to '<base_name>.finetuned.<stage>'.")
     folding: FoldingSpec = Field(FoldingSpec(), description="The free guard (lora mode): vectors folded into "
                                  "a stashed copy of the base weights while the task adapter trains.")
+    vector_routing: VectorRoutingSpec | None = Field(
+        None, description="Train the rows the vectors do not explain with the vectors off (against a task that "
+        "is learned only with the vectors on); off by default.")
+
+    HASHED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"vector_routing"})
+
+    @model_validator(mode="after")
+    def _routing_needs_vectors(self) -> GuardedFinetuneStage:
+        if self.vector_routing is not None and not self.vectors:
+            raise ValueError("vector_routing needs vectors: it decides which rows train with them off")
+        if self.vector_routing is not None and self.folding.fold:
+            raise ValueError("vector_routing trains some rows with the vectors off, so they cannot be folded: "
+                             "drop folding.fold: true")
+        return self
 
     @model_validator(mode="after")
     def _aligned_replay_needs_lora(self) -> GuardedFinetuneStage:

@@ -361,12 +361,21 @@ class _StageWorker:
             replay = self.spec.safety_replay.build(training.seed)
             if self.rank == 0 and self.resume_state is None:
                 self.mlflow.log_params({f"safety_replay.{k}": v for k, v in replay.describe().items()})
+        routing = None
+        if self.spec.vector_routing is not None:
+            routing = self.spec.vector_routing.build()
+            if self.rank == 0 and self.resume_state is None:
+                self.mlflow.log_params({"vector_routing.min_gain": routing.min_gain})
         result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), vectors, mode=self.spec.mode,
                                   training=training, hooks=self.hooks(), safety_replay=replay,
+                                  vector_routing=routing,
                                   task_adapter=TaskAdapterConfig(a.rank, a.alpha, a.dropout, tuple(a.target_modules)),
                                   fold_vectors=f.fold, folding=folding, parallelize=self._parallelize,
                                   base_fingerprint=base_fp)
         output = {}
+        if self.rank == 0 and result.vector_routing is not None:  # metrics: a resumed run logs them again
+            self.mlflow.log_metrics({f"vector_routing.{k}": v for k, v in result.vector_routing.items()
+                                     if k != "min_gain" and v is not None})
         out_dir = self._save_gathered(result, self.scratch / "finetuned")
         if self.rank == 0:
             assert_no_vector(out_dir, vectors)  # never register an artifact with vector content
@@ -379,6 +388,7 @@ class _StageWorker:
                 "secvec.guarded_by": json.dumps(self.ctx.vector_refs),
                 "secvec.guarded_by_hashes": json.dumps([v.data_hash for v in vectors]),
                 "secvec.safety_replay": "none" if replay is None else self.spec.safety_replay.label(),
+                "secvec.vector_routing": "none" if routing is None else self.spec.vector_routing.label(),
                 "secvec.final_loss": result.history.final_loss})
         self.finish(output)
 
