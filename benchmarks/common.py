@@ -28,6 +28,8 @@ SECTION_ORDER = (
     "analysis-replay-smollm2.md",  # written by hand after reading the replay rows
     "hallucination-smollm2.md",  # benchmarks/red_team.py: the hallucination vector's strength sweep
     "analysis-hallucination-smollm2.md",  # written by hand after reading the sweep
+    "routing-smollm2.md",  # benchmarks/red_team.py: vector routing next to the same runs without it
+    "analysis-routing-smollm2.md",  # written by hand after reading the routing rows
     "sweep-smollm2.md",  # benchmarks/red_team.py: the red-team sweep through the pipeline
     "analysis-sweep-smollm2.md",  # written by hand after reading the sweep
     "overhead-smollm2.md",

@@ -9,6 +9,7 @@ RESULTS.md section from MLflow runs alone (the red-team sweep, and the paper's t
     python benchmarks/red_team.py benchmarks/specs/tasks-smollm2.yaml      # erosion, tasks, hallucination
     python benchmarks/red_team.py benchmarks/specs/replay-smollm2.yaml     # replay objectives side by side
     python benchmarks/red_team.py benchmarks/specs/hallucination-smollm2.yaml  # hallucination vector strength
+    python benchmarks/red_team.py benchmarks/specs/routing-smollm2.yaml    # vector routing side by side
     python benchmarks/red_team.py benchmarks/specs/tasks-tiny.yaml --out-dir /tmp/r  # its plumbing, minutes
 
 Why a script at all: the numbers come from `secvec run` (the stages a user runs, on local Ray and MLflow on
@@ -100,7 +101,8 @@ def main(argv: list[str]) -> None:
              else "Cross-family matrix" if spec.name.startswith("matrix-")
              else "Erosion, tasks and hallucination" if spec.name.startswith("tasks-")
              else "Replay objectives" if spec.name.startswith("replay-")
-             else "Hallucination vector strength" if spec.name.startswith("hallucination-") else "The paper's table")
+             else "Hallucination vector strength" if spec.name.startswith("hallucination-")
+             else "Vector routing" if spec.name.startswith("routing-") else "The paper's table")
     section = "\n".join(
         [
             f"## {title} through the pipeline: `{spec.name}`",
