@@ -391,7 +391,8 @@ def _sweep(**extra):
 
 def test_a_sweep_with_safety_replay_replays_in_the_guarded_arm_only_and_hashes_it_there(monkeypatch):
     """`safety_replay` on a sweep qualifies the product recipe: every guarded arm replays (vectors off), the plain arm
-    (the attack's strength) never does, and only the guarded cells' hash changes, so plain arms are still shared."""
+    (the attack's strength) never does, and only the guarded cells' hash changes, so plain arms are still shared.
+    `vector_routing` follows the same rules."""
     from types import SimpleNamespace
 
     import secvec_core
@@ -415,6 +416,7 @@ def test_a_sweep_with_safety_replay_replays_in_the_guarded_arm_only_and_hashes_i
 
     class Result:
         history = type("History", (), {"final_loss": 0.5})()
+        vector_routing = None
 
         def vectors_on(self, on):
             import contextlib
@@ -436,6 +438,19 @@ def test_a_sweep_with_safety_replay_replays_in_the_guarded_arm_only_and_hashes_i
                                       "seed": replayed.training.seed, "objective": "responses"}
     tags = redteam.sweep_tags(SimpleNamespace(vector_refs=["models:/v/1"]), replayed)
     assert tags["secvec.redteam.safety_replay"] == "3 rows/step, weight 0.5"
+
+    # vector routing likewise: guarded arms only, in the guarded hash only, named in the tags
+    routed = _sweep(vector_routing={"min_gain": 1.0})
+    (guarded_routed, plain_routed) = hashes(routed)
+    assert plain_routed == plain and guarded_routed not in (guarded, guarded_replay)
+    calls.clear()
+    monkeypatch.setattr(secvec_core, "guarded_finetune",
+                        lambda model, tokenizer, data, vectors, **kw: calls.append(kw["vector_routing"]) or Result())
+    redteam._attack(object(), None, routed, cell, [])
+    redteam._attack(object(), None, routed, cell, ["vector"])
+    assert calls[0] is None and calls[1].min_gain == 1.0
+    assert redteam.sweep_tags(SimpleNamespace(vector_refs=[]), routed)["secvec.redteam.vector_routing"] == (
+        "rows gaining < 1 nats/token train vectors off")
 
 
 def load_toy_alignment():

@@ -75,6 +75,8 @@ def cell_hashes(ctx: StageContext, spec: AttackSweepStage, cell: dict) -> tuple[
     guarded = {**inputs, "vectors": ctx.vector_refs, **({"local_content": content} if content else {})}
     if spec.safety_replay is not None:  # only the guarded arm replays; without it the hash is as before
         guarded["safety_replay"] = spec.safety_replay.model_dump(mode="json")
+    if spec.vector_routing is not None:  # likewise
+        guarded["vector_routing"] = spec.vector_routing.model_dump(mode="json")
     plain = {**inputs, **({"local_content": plain_content} if plain_content else {})}
     return stage_hash(what, guarded), stage_hash(what, plain)
 
@@ -146,10 +148,12 @@ def _attack(base, tokenizer, spec: AttackSweepStage, cell: dict, vectors: list) 
         training=training,
         task_adapter=adapter,
         safety_replay=replay_for(spec, training.seed) if vectors else None,
+        vector_routing=spec.vector_routing.build() if vectors and spec.vector_routing is not None else None,
     )
     with result.vectors_on(False) as shipped:
         scores = _scores(shipped, tokenizer, spec)
-    return {**scores, "final_loss": result.history.final_loss}
+    routed = {} if result.vector_routing is None else {"rows_vectors_off": result.vector_routing["rows_vectors_off"]}
+    return {**scores, **routed, "final_loss": result.history.final_loss}
 
 
 def run_cell(
@@ -181,7 +185,8 @@ def run_cell(
     try:
         replay = replay_for(spec, spec.training.seed)
         run.log_params({"cell": cell, "vectors": ctx.vector_refs, "base_model": ctx.base_source,
-                        **({f"safety_replay.{k}": v for k, v in replay.describe().items()} if replay else {})})
+                        **({f"safety_replay.{k}": v for k, v in replay.describe().items()} if replay else {}),
+                        **({"vector_routing.min_gain": spec.vector_routing.min_gain} if spec.vector_routing else {})})
         reused_plain = plain is not None
         if plain is None:
             plain = _attack(base, tokenizer, spec, cell, [])
@@ -261,9 +266,11 @@ def summarize(cells: list[dict], baseline: dict) -> dict[str, float | str]:
 
 
 def sweep_tags(ctx: StageContext, spec: AttackSweepStage) -> dict[str, str]:
-    """What guarded the guarded arms, for the report: the vectors, and the safety replay if any."""
+    """What guarded the guarded arms, for the report: the vectors, and the safety replay and routing if any."""
     replay = "none" if spec.safety_replay is None else spec.safety_replay.label()
-    return {"secvec.redteam.vectors": json.dumps(ctx.vector_refs), "secvec.redteam.safety_replay": replay}
+    routing = "none" if spec.vector_routing is None else spec.vector_routing.label()
+    return {"secvec.redteam.vectors": json.dumps(ctx.vector_refs), "secvec.redteam.safety_replay": replay,
+            "secvec.redteam.vector_routing": routing}
 
 
 def run_attack_sweep(ctx: StageContext, scaling: ScalingSpec) -> dict:

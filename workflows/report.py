@@ -343,8 +343,10 @@ def sweep_section(client, run, out_dir: Path, counts: dict[str, float] | None = 
     cells = sweep_cells(client, run)
     heatmap = write_heatmap(cells, out_dir / f"{stage}-heatmap.png", title=f"{stage}: harmful rate after attack")
     replay = run.data.tags.get("secvec.redteam.safety_replay", "none")
+    routing = run.data.tags.get("secvec.redteam.vector_routing", "none")
     guards = run.data.tags.get("secvec.redteam.vectors", "?") + (
-        "" if replay == "none" else f" + safety replay ({replay}) in every guarded arm")
+        "" if replay == "none" else f" + safety replay ({replay}) in every guarded arm") + (
+        "" if routing == "none" else f" + vector routing ({routing})")
     return [
         f"## Red team `{stage}`",
         "",

@@ -415,6 +415,12 @@ class AttackSweepStage(StageBase):
     safety_replay: SafetyReplaySpec | None = Field(
         None, description="Qualify the recipe, not the vector alone: every guarded arm also replays these "
         "alignment rows with the vectors off, as guarded_finetune does; the plain arm never replays.")
+    vector_routing: VectorRoutingSpec | None = Field(
+        None, description="Qualify the recipe with vector routing: every guarded arm trains the attack rows its "
+        "vectors do not explain with the vectors off, as guarded_finetune does (an attack the vectors do not "
+        "recognise then trains unguarded, and the cell shows it).")
+
+    HASHED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"vector_routing"})
 
 
 Stage = Annotated[AlignmentStage | VectorTrainingStage | GuardedFinetuneStage | EvaluationStage
