@@ -123,11 +123,10 @@ class _TrainingStep(nn.Module):
             total = total + (extra * extra_weight if extra_weight != 1.0 else extra)
         return total, loss.detach()
 
-
     def _routed_loss(self, batch: dict[str, torch.Tensor], off: torch.Tensor) -> torch.Tensor:
         """The batch's mean response loss when some rows run with the vectors off: each group in its own
-        forward pass, their token sums added, so the value and gradient equal one pass over the batch when
-        no row is routed off."""
+        forward pass, their token sums added and divided by the batch's tokens, so it is the same token mean
+        as one pass (equal in value and gradient when both contexts compute the same function)."""
         if self.vectors_off is None:
             raise ValueError("rows are routed to train with the vectors off, but the loop has no vectors_off context")
         total, tokens = None, response_tokens(batch)
