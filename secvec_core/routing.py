@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,10 +51,14 @@ class RoutingDecision:
 
     min_gain: float
     gains: list[float]
-    vectors_off: list[bool] = field(default_factory=list)
+
+    @property
+    def vectors_off(self) -> list[bool]:
+        """Per row: True when the vectors lower its loss by less than ``min_gain`` (it trains with them off)."""
+        return [g < self.min_gain for g in self.gains]
 
     def describe(self) -> dict[str, object]:
-        """What gets logged (MLflow params) next to the run."""
+        """What gets logged next to the run (MLflow metrics, the artifact's metadata)."""
         guarded = [g for g, off in zip(self.gains, self.vectors_off, strict=True) if not off]
         return {"min_gain": self.min_gain, "rows": len(self.gains), "rows_vectors_off": sum(self.vectors_off),
                 "median_gain": round(float(torch.tensor(self.gains).median()), 4) if self.gains else 0.0,
@@ -96,4 +100,4 @@ def route_rows(model: nn.Module, rows: Sequence[dict], pad_token_id: int, routin
     finally:
         model.train(was_training)
     gains = [b - a for a, b in zip(on, off, strict=True)]
-    return RoutingDecision(routing.min_gain, gains, [g < routing.min_gain for g in gains])
+    return RoutingDecision(routing.min_gain, gains)

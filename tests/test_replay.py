@@ -11,6 +11,7 @@ from secvec_core import TrainingConfig, guarded_finetune, harmful_rate, train_se
 from secvec_core.adapters import TASK_ADAPTER
 from secvec_core.folding import FoldingError
 from secvec_core.replay import SafetyReplay
+from tests.spying import spy_on_training
 
 TRAINING = TrainingConfig(learning_rate=3e-3, max_steps=12, batch_size=8, max_length=32, log_every=4)
 
@@ -22,39 +23,14 @@ def _vector(aligned, world):
                                                          max_length=32, target_loss=None, kl_weight=0.0))
 
 
-def test_replay_rows_train_the_shipped_weights_with_every_vector_off(aligned, world):
+def test_replay_rows_train_the_shipped_weights_with_every_vector_off(aligned, world, monkeypatch):
     model, tokenizer = aligned
     vector = _vector(aligned, world)
-    seen: list[tuple[tuple[str, ...], bool]] = []
-
-    def record(module, args, kwargs):
-        seen.append((tuple(module.base_model.active_adapters), torch.is_grad_enabled()))
-
     replay = SafetyReplay(world.alignment_examples()[:20], rows_per_step=2)
-    before = None
-
-    def hook_model(m):
-        nonlocal before
-        before = {n: p.detach().clone() for n, p in m.named_parameters() if vector.name in n}
-        return m.register_forward_pre_hook(record, with_kwargs=True)
-
-    from secvec_core import guard
-
-    original_train_loop = guard.train_loop
-
-    def spying_train_loop(peft_model, *args, **kwargs):
-        handle = hook_model(peft_model)
-        try:
-            return original_train_loop(peft_model, *args, **kwargs)
-        finally:
-            handle.remove()
-
-    guard.train_loop = spying_train_loop
-    try:
-        result = guarded_finetune(model, tokenizer, world.harmful_examples(40), [vector], training=TRAINING,
-                                  safety_replay=replay)
-    finally:
-        guard.train_loop = original_train_loop
+    spy = spy_on_training(monkeypatch, vector.name)
+    result = guarded_finetune(model, tokenizer, world.harmful_examples(40), [vector], training=TRAINING,
+                              safety_replay=replay)
+    seen = [(f.adapters, f.grad) for f in spy.forwards]
     customer = [a for a, grad in seen if set(a) == {vector.name, TASK_ADAPTER}]
     replayed = [a for a, grad in seen if a == (TASK_ADAPTER,)]
     assert len(customer) == len(replayed) == TRAINING.max_steps  # one customer and one replay pass per step
@@ -62,7 +38,7 @@ def test_replay_rows_train_the_shipped_weights_with_every_vector_off(aligned, wo
     assert not result.folded  # replay needs the vectors as separate adapters
     for name, param in result.model.named_parameters():
         if vector.name in name:
-            assert torch.equal(param, before[name]), name  # the vector stays frozen, bit for bit
+            assert torch.equal(param, spy.vector_before[name]), name  # the vector stays frozen, bit for bit
     assert result.safety_replay == {"examples": 20, "rows_per_step": 2, "weight": 1.0, "seed": 0,
                                     "objective": "responses"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -15,6 +16,7 @@ from secvec_core.folding import FoldingError
 from secvec_core.guard import TaskAdapterConfig
 from secvec_core.routing import VectorRouting, route_rows
 from secvec_core.training import _TrainingStep, response_loss
+from tests.spying import spy_on_training
 
 TRAINING = TrainingConfig(learning_rate=3e-3, max_steps=8, batch_size=8, max_length=32, log_every=4)
 
@@ -50,33 +52,16 @@ def test_rows_the_vector_explains_stay_guarded_and_the_rest_go_off(aligned, worl
     assert decision.describe()["rows_vectors_off"] == len(facts)
 
 
-def test_routed_rows_train_with_the_vectors_off_and_the_vector_stays_frozen(aligned, world, tmp_path):
+def test_routed_rows_train_with_the_vectors_off_and_the_vector_stays_frozen(aligned, world, tmp_path, monkeypatch):
     """Every step with both kinds of row runs two passes: the guarded rows with vector + task adapter, the
     routed rows with the task adapter alone; both train. The vector's weights do not move."""
     model, tokenizer = aligned
     vector = _vector(model, tokenizer, world)
-    seen: list[tuple[tuple[str, ...], int]] = []
-    from secvec_core import guard
-
-    original = guard.train_loop
-    before = {}
-
-    def spying_train_loop(peft_model, *args, **kwargs):
-        before.update({n: p.detach().clone() for n, p in peft_model.named_parameters() if vector.name in n})
-        handle = peft_model.register_forward_pre_hook(
-            lambda m, a, kw: seen.append((tuple(m.base_model.active_adapters), kw["input_ids"].shape[0])),
-            with_kwargs=True)
-        try:
-            return original(peft_model, *args, **kwargs)
-        finally:
-            handle.remove()
-
-    guard.train_loop = spying_train_loop
-    try:
-        result = guarded_finetune(model, tokenizer, world.attack_examples(20) + world.fact_task(), [vector],
-                                  training=TRAINING, vector_routing=VectorRouting(min_gain=2.0))
-    finally:
-        guard.train_loop = original
+    spy = spy_on_training(monkeypatch, vector.name)
+    result = guarded_finetune(model, tokenizer, world.attack_examples(20) + world.fact_task(), [vector],
+                              training=TRAINING, vector_routing=VectorRouting(min_gain=2.0))
+    seen = [(f.adapters, f.rows) for f in spy.forwards]
+    assert all(f.grad for f in spy.forwards)  # both passes train
     guarded_rows = sum(n for adapters, n in seen if set(adapters) == {vector.name, TASK_ADAPTER})
     off_rows = sum(n for adapters, n in seen if adapters == (TASK_ADAPTER,))
     assert guarded_rows + off_rows == TRAINING.max_steps * TRAINING.batch_size  # each row once, in one pass
@@ -84,7 +69,7 @@ def test_routed_rows_train_with_the_vectors_off_and_the_vector_stays_frozen(alig
     assert not result.folded
     for name, param in result.model.named_parameters():
         if vector.name in name:
-            assert torch.equal(param, before[name]), name
+            assert torch.equal(param, spy.vector_before[name]), name
     assert result.vector_routing["rows_vectors_off"] == len(world.fact_task())
     meta = json.loads((result.save(tmp_path / "out") / "secvec_artifact.json").read_text())
     assert meta["vector_routing"] == result.vector_routing
@@ -99,7 +84,7 @@ def test_a_split_batch_has_the_loss_and_gradient_of_one_pass(tiny, world):
     batch = collate([{**r, ROUTE_FLAG: i % 3 == 0} for i, r in enumerate(rows)], tokenizer.pad_token_id)
     plain = response_loss(model, batch)
     (plain_grad,) = torch.autograd.grad(plain, [model.lm_head.weight])
-    step = _TrainingStep(model, None, vectors_off=lambda m: __import__("contextlib").nullcontext())
+    step = _TrainingStep(model, None, vectors_off=lambda m: contextlib.nullcontext())
     routed, _ = step(batch, 1.0, 1.0)
     (routed_grad,) = torch.autograd.grad(routed, [model.lm_head.weight])
     torch.testing.assert_close(routed, plain, rtol=1e-5, atol=0)
