@@ -30,6 +30,8 @@ SECTION_ORDER = (
     "analysis-hallucination-smollm2.md",  # written by hand after reading the sweep
     "routing-smollm2.md",  # benchmarks/red_team.py: vector routing next to the same runs without it
     "analysis-routing-smollm2.md",  # written by hand after reading the routing rows
+    "replay-alone-smollm2.md",  # benchmarks/red_team.py: the aligned-KL replay alone on the task and mixed runs
+    "analysis-replay-alone-smollm2.md",  # written by hand after reading the replay-alone rows
     "sweep-smollm2.md",  # benchmarks/red_team.py: the red-team sweep through the pipeline
     "analysis-sweep-smollm2.md",  # written by hand after reading the sweep
     "overhead-smollm2.md",

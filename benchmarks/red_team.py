@@ -10,6 +10,7 @@ RESULTS.md section from MLflow runs alone (the red-team sweep, and the paper's t
     python benchmarks/red_team.py benchmarks/specs/replay-smollm2.yaml     # replay objectives side by side
     python benchmarks/red_team.py benchmarks/specs/hallucination-smollm2.yaml  # hallucination vector strength
     python benchmarks/red_team.py benchmarks/specs/routing-smollm2.yaml    # vector routing side by side
+    python benchmarks/red_team.py benchmarks/specs/replay-alone-smollm2.yaml  # the replay alone on benign data
     python benchmarks/red_team.py benchmarks/specs/tasks-tiny.yaml --out-dir /tmp/r  # its plumbing, minutes
 
 Why a script at all: the numbers come from `secvec run` (the stages a user runs, on local Ray and MLflow on
@@ -100,6 +101,7 @@ def main(argv: list[str]) -> None:
              else "Ablation" if spec.name.startswith("ablation-")
              else "Cross-family matrix" if spec.name.startswith("matrix-")
              else "Erosion, tasks and hallucination" if spec.name.startswith("tasks-")
+             else "Safety replay alone" if spec.name.startswith("replay-alone-")
              else "Replay objectives" if spec.name.startswith("replay-")
              else "Hallucination vector strength" if spec.name.startswith("hallucination-")
              else "Vector routing" if spec.name.startswith("routing-") else "The paper's table")

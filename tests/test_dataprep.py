@@ -307,17 +307,18 @@ def test_spec_prompt_files_are_the_benchmark_prompt_lists():
 
 
 def test_research_specs_reuse_the_paper_tables_stages_and_keep_two_families_from_every_vector():
-    """The research rows (matrix-, tasks-, replay-, hallucination-, routing-smollm2) build on the paper table's stages verbatim (one run reuses
+    """The research rows (matrix-, tasks-, replay-, hallucination-, routing-, replay-alone-smollm2) build on the paper table's stages verbatim (one run reuses
     the other's), each matrix row is the table's plain attack with one vector on and no replay, no vector's data
     comes from the held-out families' prompts, and every fine-tune is evaluated once on the same subset."""
     from workflows.specs import load_spec
 
     table = {s.name: s for s in load_spec(ROOT / "benchmarks/specs/paper-table-smollm2.yaml").stages}
     specs = {name: {s.name: s for s in load_spec(ROOT / f"benchmarks/specs/{name}-smollm2.yaml").stages}
-             for name in ("matrix", "tasks", "replay", "hallucination", "routing")}
+             for name in ("matrix", "tasks", "replay", "hallucination", "routing", "replay-alone")}
     for name, research in specs.items():
         shared = [n for n in research if n in table and table[n].kind != "evaluation"]
-        needs = {"dna", "benign", "alignment-data", "align"} | ({"harm-vector"} if name != "hallucination" else set())
+        with_vector = name not in ("hallucination", "replay-alone")
+        needs = {"dna", "benign", "alignment-data", "align"} | ({"harm-vector"} if with_vector else set())
         assert needs <= set(shared), name
         assert all(research[n] == table[n] for n in shared), name
         for other in set(specs) - {name}:
