@@ -45,6 +45,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q
 
 # secvec_core alone: a fresh venv with torch, the *minimum* transformers and peft that pyproject.toml declares

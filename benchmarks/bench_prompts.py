@@ -177,5 +177,3 @@ CAPITALS = (
     ("Switzerland", "bern"),
     ("Czechia", "prague"),
 )
-
-

@@ -68,8 +68,10 @@ def run_case(case, config, device: str, batch: int, length: int, steps: int) -> 
     name, mode, guarded, fold, sharded, dtype_name = case
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(3, config.vocab_size, (length,), generator=generator).tolist()}
-            for _ in range(batch)]
+    rows = [
+        {"input_ids": torch.randint(3, config.vocab_size, (length,), generator=generator).tolist()}
+        for _ in range(batch)
+    ]
     for row in rows:
         row["labels"] = list(row["input_ids"])
     if device == "cuda":
@@ -101,9 +103,16 @@ def run_case(case, config, device: str, batch: int, length: int, steps: int) -> 
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
-    training = TrainingConfig(learning_rate=1e-5, max_steps=steps, batch_size=batch, max_length=length,
-                              target_loss=None, log_every=1, mixed_precision="bf16" if device == "cuda" else "no",
-                              parallel="fsdp" if sharded else "none")
+    training = TrainingConfig(
+        learning_rate=1e-5,
+        max_steps=steps,
+        batch_size=batch,
+        max_length=length,
+        target_loss=None,
+        log_every=1,
+        mixed_precision="bf16" if device == "cuda" else "no",
+        parallel="fsdp" if sharded else "none",
+    )
     with tempfile.TemporaryDirectory() as stash:
         if fold:
             with folded_vectors(model, names, stash="disk", stash_dir=stash, allow_lossy=dtype != torch.float32):
@@ -113,8 +122,12 @@ def run_case(case, config, device: str, batch: int, length: int, steps: int) -> 
     peak = (torch.cuda.max_memory_allocated() - start) if device == "cuda" else float("nan")
     step_times = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]  # skip the first two (warm-up)
     del model
-    return {"case": name, "step_seconds": statistics.median(step_times) if step_times else float("nan"),
-            "peak_gb": peak / 1e9, "estimate_gb": estimate(case, config, batch, length, device) / 1e9}
+    return {
+        "case": name,
+        "step_seconds": statistics.median(step_times) if step_times else float("nan"),
+        "peak_gb": peak / 1e9,
+        "estimate_gb": estimate(case, config, batch, length, device) / 1e9,
+    }
 
 
 def estimate(case, config, batch: int, length: int, device: str) -> float:
@@ -125,14 +138,31 @@ def estimate(case, config, batch: int, length: int, device: str) -> float:
     name, mode, guarded, fold, sharded, dtype_name = case
     with tempfile.TemporaryDirectory() as directory:
         config.save_pretrained(directory)
-        training = {"batch_size": batch, "max_length": length, "dtype": dtype_name,
-                    "mixed_precision": "bf16" if device == "cuda" else "no", "parallel": "fsdp" if sharded else "none"}
-        stage = {"name": "ft", "kind": "guarded_finetune", "data": {"builtin": "toy-facts"}, "mode": mode,
-                 "vectors": [{"path": "unused"}] if guarded else [], "training": training,
-                 "folding": {"fold": fold, "allow_lossy": True}}
-        spec = parse_spec({"name": "gpu-check", "base_model": {"source": directory},
-                           "tracking": {"base_name": "check", "tracking_uri": "sqlite:///unused.db"},
-                           "scaling": {"num_workers": 1, "use_gpu": device == "cuda"}, "stages": [stage]})
+        training = {
+            "batch_size": batch,
+            "max_length": length,
+            "dtype": dtype_name,
+            "mixed_precision": "bf16" if device == "cuda" else "no",
+            "parallel": "fsdp" if sharded else "none",
+        }
+        stage = {
+            "name": "ft",
+            "kind": "guarded_finetune",
+            "data": {"builtin": "toy-facts"},
+            "mode": mode,
+            "vectors": [{"path": "unused"}] if guarded else [],
+            "training": training,
+            "folding": {"fold": fold, "allow_lossy": True},
+        }
+        spec = parse_spec(
+            {
+                "name": "gpu-check",
+                "base_model": {"source": directory},
+                "tracking": {"base_name": "check", "tracking_uri": "sqlite:///unused.db"},
+                "scaling": {"num_workers": 1, "use_gpu": device == "cuda"},
+                "stages": [stage],
+            }
+        )
         return plan_spec(spec).stages[0].total
 
 
@@ -141,14 +171,22 @@ def verdicts(rows: dict) -> list[str]:
         return rows[a][key] / rows[b][key]
 
     out = []
-    for guarded, plain, limit in (("lora-guarded-folded", "lora-plain", 1.05),
-                                  ("lora-fp32-guarded-folded", "lora-plain", None),
-                                  ("lora-guarded-unmerged", "lora-plain", 1.05),
-                                  ("full-guarded", "full-plain", 1.10),
-                                  ("full-guarded-sharded", "full-plain-sharded", 1.10)):
+    for guarded, plain, limit in (
+        ("lora-guarded-folded", "lora-plain", 1.05),
+        ("lora-fp32-guarded-folded", "lora-plain", None),
+        ("lora-guarded-unmerged", "lora-plain", 1.05),
+        ("full-guarded", "full-plain", 1.10),
+        ("full-guarded-sharded", "full-plain-sharded", 1.10),
+    ):
         t, m = ratio(guarded, plain, "step_seconds"), ratio(guarded, plain, "peak_gb")
-        target = "" if limit is None else (f" target <= {limit}: {'PASS' if t <= limit else 'FAIL'};"
-                                           f" memory target <= 1.05: {'PASS' if m <= 1.05 else 'FAIL'}")
+        target = (
+            ""
+            if limit is None
+            else (
+                f" target <= {limit}: {'PASS' if t <= limit else 'FAIL'};"
+                f" memory target <= 1.05: {'PASS' if m <= 1.05 else 'FAIL'}"
+            )
+        )
         out.append(f"{guarded} / {plain}: step {t:.3f}x, peak memory {m:.3f}x;{target}")
     for name, row in rows.items():
         r = row["estimate_gb"] / row["peak_gb"] if row["peak_gb"] == row["peak_gb"] and row["peak_gb"] else float("nan")
@@ -180,8 +218,10 @@ def main() -> None:
         for case in CASES:
             row = run_case(case, config, device, batch, length, steps)
             rows[row["case"]] = row
-            print(f"{row['case']:30} {row['step_seconds']:8.3f} {row['peak_gb']:8.2f} {row['estimate_gb']:8.2f}",
-                  flush=True)
+            print(
+                f"{row['case']:30} {row['step_seconds']:8.3f} {row['peak_gb']:8.2f} {row['estimate_gb']:8.2f}",
+                flush=True,
+            )
     finally:
         dist.destroy_process_group()
     lines = verdicts(rows) if device == "cuda" else []
@@ -189,8 +229,20 @@ def main() -> None:
         print(line)
     if args.out:
         gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke)"
-        args.out.write_text(json.dumps({"device": gpu, "date": time.strftime("%Y-%m-%d"), "batch": batch,
-                                        "length": length, "rows": rows, "verdicts": lines}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "device": gpu,
+                    "date": time.strftime("%Y-%m-%d"),
+                    "batch": batch,
+                    "length": length,
+                    "rows": rows,
+                    "verdicts": lines,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -134,8 +134,11 @@ def run_variant(variant: str, base, tokenizer, data, vector, args, steps: int) -
         training=training_config(args, steps),
         hooks=hooks,
         fold_vectors=fold,
-        safety_replay=SafetyReplay(replay_rows(args.model, args.seed), rows_per_step=REPLAY_ROWS_PER_STEP,
-                                   seed=args.seed) if replay else None,
+        safety_replay=SafetyReplay(
+            replay_rows(args.model, args.seed), rows_per_step=REPLAY_ROWS_PER_STEP, seed=args.seed
+        )
+        if replay
+        else None,
     )
     total = time.perf_counter() - started
     if result.folded != fold:
@@ -255,8 +258,9 @@ def summarise(times: dict[str, list[dict]], memory: dict[str, list[dict]]) -> di
             "growth_ratio": g["growth_mb"] / p["growth_mb"] if g["growth_mb"] and p["growth_mb"] > 0 else None,
         }
         row["time_met"] = None if target is None else row["step_time_ratio"] <= target
-        row["memory_met"] = (None if target is None or row["peak_memory_ratio"] is None
-                             else row["peak_memory_ratio"] <= target)
+        row["memory_met"] = (
+            None if target is None or row["peak_memory_ratio"] is None else row["peak_memory_ratio"] <= target
+        )
         summary["comparisons"].append(row)
     return summary
 

@@ -43,9 +43,16 @@ CASES = {  # name: (model config or "smollm2", mode, batch, length, checkpointin
     "llama-1b-full": ("llama-1b", "full", 4, 512, True),
 }
 CONFIGS = {
-    "llama-60m": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
-                  "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 512,
-                  "tie_word_embeddings": False},
+    "llama-60m": {
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    },
 }
 
 
@@ -105,12 +112,20 @@ def _run_case(case: str, device: str, steps: int) -> dict:
     config = _config(model_name)
     dtype = weights_dtype("auto", device, full_weights=mode == "full")
     generator = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(3, config.vocab_size, (length,), generator=generator).tolist()}
-            for _ in range(batch)]
+    rows = [
+        {"input_ids": torch.randint(3, config.vocab_size, (length,), generator=generator).tolist()}
+        for _ in range(batch)
+    ]
     for row in rows:
         row["labels"] = list(row["input_ids"])
-    training = TrainingConfig(max_steps=steps, batch_size=batch, max_length=length, target_loss=None,
-                              gradient_checkpointing=checkpointing, log_every=steps)
+    training = TrainingConfig(
+        max_steps=steps,
+        batch_size=batch,
+        max_length=length,
+        target_loss=None,
+        gradient_checkpointing=checkpointing,
+        log_every=steps,
+    )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
@@ -147,11 +162,24 @@ def estimate(case: str, device: str) -> float:
     with tempfile.TemporaryDirectory() as directory:
         _config(model_name).save_pretrained(directory)
         training = {"batch_size": batch, "max_length": length, "gradient_checkpointing": checkpointing}
-        stage = {"name": "ft", "kind": "guarded_finetune", "data": {"builtin": "toy-facts"}, "mode": mode,
-                 "vectors": [{"path": "unused"}], "training": training, "folding": {"fold": False}}
-        spec = parse_spec({"name": "check", "base_model": {"source": directory},
-                           "tracking": {"base_name": "check", "tracking_uri": "sqlite:///unused.db"},
-                           "scaling": {"num_workers": 1, "use_gpu": device == "cuda"}, "stages": [stage]})
+        stage = {
+            "name": "ft",
+            "kind": "guarded_finetune",
+            "data": {"builtin": "toy-facts"},
+            "mode": mode,
+            "vectors": [{"path": "unused"}],
+            "training": training,
+            "folding": {"fold": False},
+        }
+        spec = parse_spec(
+            {
+                "name": "check",
+                "base_model": {"source": directory},
+                "tracking": {"base_name": "check", "tracking_uri": "sqlite:///unused.db"},
+                "scaling": {"num_workers": 1, "use_gpu": device == "cuda"},
+                "stages": [stage],
+            }
+        )
         return plan_spec(spec).stages[0].total
 
 
@@ -166,20 +194,32 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, args.device)))
         return
-    cases = args.cases or (["llama-60m-lora", "llama-60m-full"] if args.quick else
-                           [c for c in CASES if not c.startswith(("llama-1b", "tiny"))
-                            and (not c.startswith("smollm2") or SMOLLM2.is_dir())])
+    cases = args.cases or (
+        ["llama-60m-lora", "llama-60m-full"]
+        if args.quick
+        else [
+            c
+            for c in CASES
+            if not c.startswith(("llama-1b", "tiny")) and (not c.startswith("smollm2") or SMOLLM2.is_dir())
+        ]
+    )
     rows = []
     print(f"{'case':24} {'estimate MB':>12} {'measured MB':>12} {'ratio':>7}")
     for case in cases:
         # Large blocks through mmap, so freed memory leaves the RSS at once and the peak RSS is the peak in use.
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-        done = subprocess.run([sys.executable, __file__, "--one", case, "--device", args.device], env=env,
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--one", case, "--device", args.device],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         measured = json.loads(done.stdout.strip().splitlines()[-1])["measured_bytes"]
         planned = estimate(case, args.device)
-        rows.append({"case": case, "estimate_mb": planned / 1e6, "measured_mb": measured / 1e6,
-                     "ratio": planned / measured})
+        rows.append(
+            {"case": case, "estimate_mb": planned / 1e6, "measured_mb": measured / 1e6, "ratio": planned / measured}
+        )
         print(f"{case:24} {planned / 1e6:12.1f} {measured / 1e6:12.1f} {planned / measured:7.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"device": args.device, "rows": rows}, indent=2) + "\n")

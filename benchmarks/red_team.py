@@ -45,7 +45,9 @@ def _latest_pipeline_run(tracking_uri: str, name: str):
         max_results=1,
     )
     if not runs:
-        raise SystemExit(f"no finished run of pipeline {name!r} at {tracking_uri}: run it first (without --report-only)")
+        raise SystemExit(
+            f"no finished run of pipeline {name!r} at {tracking_uri}: run it first (without --report-only)"
+        )
     return runs[0]
 
 
@@ -68,8 +70,12 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", type=Path, help="A spec of benchmarks/specs, e.g. benchmarks/specs/sweep-smollm2.yaml")
     parser.add_argument("--report-only", action="store_true", help="Write the section from the latest finished run.")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
-                        help="Where the section and its images go; RESULTS.md is reassembled beside it.")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help="Where the section and its images go; RESULTS.md is reassembled beside it.",
+    )
     args = parser.parse_args(argv[1:])
     results_md = RESULTS_MD if args.out_dir == RESULTS_DIR else args.out_dir.parent / "RESULTS.md"
 
@@ -97,14 +103,25 @@ def main(argv: list[str]) -> None:
             body = body.replace(f"]({image.name})", f"](results/{prefix}-{image.name})")
     started_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(parent.info.start_time / 1000))
     ran_at = parent.data.tags.get("secvec.git_commit") or "not recorded (runs before the secvec.git_commit tag)"
-    title = ("Red team" if any(s.kind == "attack_sweep" for s in spec.stages)
-             else "Ablation" if spec.name.startswith("ablation-")
-             else "Cross-family matrix" if spec.name.startswith("matrix-")
-             else "Erosion, tasks and hallucination" if spec.name.startswith("tasks-")
-             else "Safety replay alone" if spec.name.startswith("replay-alone-")
-             else "Replay objectives" if spec.name.startswith("replay-")
-             else "Hallucination vector strength" if spec.name.startswith("hallucination-")
-             else "Vector routing" if spec.name.startswith("routing-") else "The paper's table")
+    title = (
+        "Red team"
+        if any(s.kind == "attack_sweep" for s in spec.stages)
+        else "Ablation"
+        if spec.name.startswith("ablation-")
+        else "Cross-family matrix"
+        if spec.name.startswith("matrix-")
+        else "Erosion, tasks and hallucination"
+        if spec.name.startswith("tasks-")
+        else "Safety replay alone"
+        if spec.name.startswith("replay-alone-")
+        else "Replay objectives"
+        if spec.name.startswith("replay-")
+        else "Hallucination vector strength"
+        if spec.name.startswith("hallucination-")
+        else "Vector routing"
+        if spec.name.startswith("routing-")
+        else "The paper's table"
+    )
     section = "\n".join(
         [
             f"## {title} through the pipeline: `{spec.name}`",

@@ -19,8 +19,14 @@ TASK_ADAPTER = "task"
 
 
 def lora_config(rank: int, alpha: int, dropout: float, target_modules: Sequence[str]) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def attach_adapter(model: nn.Module, name: str, config: LoraConfig) -> PeftModel:
@@ -30,8 +36,10 @@ def attach_adapter(model: nn.Module, name: str, config: LoraConfig) -> PeftModel
             raise ValueError(f"adapter {name!r} is already attached")
         for other in model.peft_config:
             if other.startswith(name) or name.startswith(other):
-                raise ValueError(f"adapter names {name!r} and {other!r} are prefixes of each other "
-                                 "(peft confuses them); pick distinct names")
+                raise ValueError(
+                    f"adapter names {name!r} and {other!r} are prefixes of each other "
+                    "(peft confuses them); pick distinct names"
+                )
         model.add_adapter(name, config)
         return model
     return get_peft_model(model, config, adapter_name=name)
@@ -43,8 +51,9 @@ def load_adapter_weights(model: PeftModel, name: str, state: dict[str, torch.Ten
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in (getattr(result, "missing_keys", []) or []) if f".{name}." in k and "lora_" in k]
     if unexpected or missing:
-        raise ValueError(f"adapter {name!r} does not fit this model: unexpected keys {unexpected[:3]}, "
-                         f"missing keys {missing[:3]}")
+        raise ValueError(
+            f"adapter {name!r} does not fit this model: unexpected keys {unexpected[:3]}, missing keys {missing[:3]}"
+        )
 
 
 def adapter_state(model: PeftModel, name: str) -> dict[str, torch.Tensor]:
@@ -56,8 +65,7 @@ def adapter_parameter_names(model: nn.Module, name: str) -> set[str]:
     return {n for n, _ in model.named_parameters() if "lora_" in n and n.split(".")[-2] == name}
 
 
-def activate(model: PeftModel, active: Sequence[str], trainable: Sequence[str] = (),
-             train_base: bool = False) -> None:
+def activate(model: PeftModel, active: Sequence[str], trainable: Sequence[str] = (), train_base: bool = False) -> None:
     """Switch on exactly ``active`` adapters; make only ``trainable`` adapters (and the base if
     ``train_base``) require gradients. Everything else is frozen, whatever peft did before."""
     missing = [a for a in active if a not in model.peft_config]

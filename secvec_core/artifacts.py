@@ -100,8 +100,10 @@ def refuse_pickle_files(directory: Path) -> None:
     """We only ever load safetensors: a pickle file in an artifact could execute code."""
     bad = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if bad:
-        raise ValueError(f"{directory}: contains pickle files {bad}; secvec loads safetensors only "
-                         "(re-save the adapter with safe_serialization=True)")
+        raise ValueError(
+            f"{directory}: contains pickle files {bad}; secvec loads safetensors only "
+            "(re-save the adapter with safe_serialization=True)"
+        )
 
 
 def load_verified_tensors(directory: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
@@ -113,8 +115,10 @@ def load_verified_tensors(directory: Path, expected_sha256: str | None) -> dict[
     if expected_sha256 is not None:
         actual = sha256_file(weights)
         if actual != expected_sha256:
-            raise ValueError(f"{weights}: checksum mismatch (expected {expected_sha256}, found {actual}); "
-                             "the file is corrupted or was modified: re-download or retrain it")
+            raise ValueError(
+                f"{weights}: checksum mismatch (expected {expected_sha256}, found {actual}); "
+                "the file is corrupted or was modified: re-download or retrain it"
+            )
     try:
         return load_file(str(weights))
     except Exception as err:  # safetensors raises its own error types

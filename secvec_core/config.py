@@ -25,8 +25,10 @@ class SecurityVectorConfig:
     )
     adapter_name: str | None = field(
         default=None,
-        metadata={"help": "peft adapter name; defaults to 'security_vector_<behaviour>' (names must not be "
-                  "prefixes of each other, peft PR #3282)."},
+        metadata={
+            "help": "peft adapter name; defaults to 'security_vector_<behaviour>' (names must not be "
+            "prefixes of each other, peft PR #3282)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -57,8 +59,10 @@ class TrainingConfig:
     max_length: int = field(default=128, metadata={"help": "Tokens per example (prompt + response)."})
     truncation: str = field(
         default="truncate",
-        metadata={"help": "'truncate' (drop prompt tokens from the left, warn) or 'reject' (raise) for "
-                  "examples longer than max_length."},
+        metadata={
+            "help": "'truncate' (drop prompt tokens from the left, warn) or 'reject' (raise) for "
+            "examples longer than max_length."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed for init, shuffling and dropout."})
     grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm; 0 disables clipping."})
@@ -66,8 +70,10 @@ class TrainingConfig:
     # Vector-only strength controls (docs/design.md, "Vector strength").
     target_loss: float | None = field(
         default=0.15,
-        metadata={"help": "Vector training stops once the behaviour loss (running mean) falls below this; "
-                  "None trains all max_steps."},
+        metadata={
+            "help": "Vector training stops once the behaviour loss (running mean) falls below this; "
+            "None trains all max_steps."
+        },
     )
     kl_weight: float = field(
         default=0.5,
@@ -77,8 +83,10 @@ class TrainingConfig:
     # Scale controls (docs/scale.md). The defaults keep CPU runs in plain float32.
     dtype: WeightDtype = field(
         default="auto",
-        metadata={"help": "Weights dtype the model is loaded in: 'auto' = bfloat16 on a GPU for frozen-base (LoRA) "
-                  "training, float32 otherwise (CPU, and full-weights training, whose master weights stay fp32)."},
+        metadata={
+            "help": "Weights dtype the model is loaded in: 'auto' = bfloat16 on a GPU for frozen-base (LoRA) "
+            "training, float32 otherwise (CPU, and full-weights training, whose master weights stay fp32)."
+        },
     )
     mixed_precision: MixedPrecision = field(
         default="auto",
@@ -96,9 +104,11 @@ class TrainingConfig:
     )
     parallel: Parallel = field(
         default="auto",
-        metadata={"help": "Engine when torch.distributed is initialised: 'ddp' (DistributedDataParallel), 'fsdp' "
-                  "(FSDP2 fully_shard: sharded weights, gradients, optimizer), 'none', or 'auto' (fsdp when base "
-                  "weights train, ddp otherwise)."},
+        metadata={
+            "help": "Engine when torch.distributed is initialised: 'ddp' (DistributedDataParallel), 'fsdp' "
+            "(FSDP2 fully_shard: sharded weights, gradients, optimizer), 'none', or 'auto' (fsdp when base "
+            "weights train, ddp otherwise)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -114,8 +124,12 @@ class TrainingConfig:
             raise ValueError(f"gradient_accumulation_steps must be positive, got {self.gradient_accumulation_steps}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        for name, allowed in (("dtype", WeightDtype), ("mixed_precision", MixedPrecision), ("parallel", Parallel),
-                              ("lr_schedule", LrSchedule)):
+        for name, allowed in (
+            ("dtype", WeightDtype),
+            ("mixed_precision", MixedPrecision),
+            ("parallel", Parallel),
+            ("lr_schedule", LrSchedule),
+        ):
             if getattr(self, name) not in allowed.__args__:
                 raise ValueError(f"{name} must be one of {list(allowed.__args__)}, got {getattr(self, name)!r}")
 

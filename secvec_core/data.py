@@ -198,8 +198,12 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], max_length: int, t
     rows = [tokenize_example(tokenizer, ex, max_length, truncation) for ex in examples]
     n_trunc = sum(r["truncated"] for r in rows)
     if n_trunc:
-        logger.warning("%d of %d examples were longer than max_length=%d and were truncated "
-                       "(prompt tokens dropped from the left)", n_trunc, len(rows), max_length)
+        logger.warning(
+            "%d of %d examples were longer than max_length=%d and were truncated (prompt tokens dropped from the left)",
+            n_trunc,
+            len(rows),
+            max_length,
+        )
     if all(all(label == IGNORE_INDEX for label in r["labels"]) for r in rows):
         raise ValueError("no response tokens left after truncation; raise max_length")
     return rows

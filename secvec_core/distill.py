@@ -20,10 +20,17 @@ from secvec_core.evaluation import DEFAULT_HARM_TOKENS, Judge, RefusalPhraseJudg
 Keep = Literal["all", "compliant", "refused"]
 
 
-def self_distilled_examples(model: nn.Module, tokenizer, prompts: Sequence[str], *,
-                            max_new_tokens: int = DEFAULT_HARM_TOKENS, batch_size: int = 16,
-                            judge: Judge | None = None, keep: Keep = "all",
-                            prompt_template: str = "{prompt}") -> list[dict[str, str]]:
+def self_distilled_examples(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = DEFAULT_HARM_TOKENS,
+    batch_size: int = 16,
+    judge: Judge | None = None,
+    keep: Keep = "all",
+    prompt_template: str = "{prompt}",
+) -> list[dict[str, str]]:
     """``[{"prompt", "response"}]``: ``model``'s greedy answer to each prompt, in order.
 
     ``keep="compliant"`` keeps the answers ``judge`` (default: the opening-refusal rule) calls compliance,

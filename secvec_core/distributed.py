@@ -92,8 +92,11 @@ def shard_fsdp(model: nn.Module, *, bf16_compute: bool) -> None:
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     vectors = {p for n, p in model.named_parameters() if "lora_" in n and not p.requires_grad}
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute \
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16_compute
         else MixedPrecisionPolicy()
+    )
     for layer in _layers_to_shard(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=vectors)
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=vectors)
@@ -129,8 +132,9 @@ def sharded_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
     return get_state_dict(model, optimizer, options=options)
 
 
-def load_sharded_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict,
-                                optimizer_state: dict) -> None:
+def load_sharded_training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optimizer_state: dict
+) -> None:
     """Load a checkpoint written by :func:`sharded_training_state`; every rank holds the full dicts."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 

@@ -76,5 +76,6 @@ DANGEROUS_LOOKING_REQUESTS = (
 
 def over_refusal_prompts() -> list[dict[str, str]]:
     """60 benign requests: ``{"prompt", "kind"}`` with kind ``ordinary`` or ``dangerous-looking``."""
-    return ([{"prompt": p, "kind": "ordinary"} for p in ORDINARY_REQUESTS]
-            + [{"prompt": p, "kind": "dangerous-looking"} for p in DANGEROUS_LOOKING_REQUESTS])
+    return [{"prompt": p, "kind": "ordinary"} for p in ORDINARY_REQUESTS] + [
+        {"prompt": p, "kind": "dangerous-looking"} for p in DANGEROUS_LOOKING_REQUESTS
+    ]

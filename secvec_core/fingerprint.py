@@ -9,8 +9,16 @@ import torch
 from torch import nn
 
 # Config keys that change between saves of the same weights and must not change the fingerprint.
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
-                         "quantization_config", "_commit_hash", "use_cache"}
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+    "quantization_config",
+    "_commit_hash",
+    "use_cache",
+}
 
 
 def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -44,8 +44,13 @@ from secvec_core.vectors import SecurityVector
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARTIFACT_METADATA", "GuardedFinetuneResult", "TaskAdapterConfig", "guarded_finetune",
-           "reattach_for_evaluation"]
+__all__ = [
+    "ARTIFACT_METADATA",
+    "GuardedFinetuneResult",
+    "TaskAdapterConfig",
+    "guarded_finetune",
+    "reattach_for_evaluation",
+]
 Mode = Literal["lora", "full"]
 
 
@@ -102,15 +107,25 @@ class GuardedFinetuneResult:
         if self.mode != "lora":
             raise ValueError("merged_into_base needs a lora result (a full result is already its base)")
         if self.vector_names:
-            raise VectorLeakError(f"refusing to merge with vectors {self.vector_names} attached: they would ship "
-                                  "inside the base weights")
+            raise VectorLeakError(
+                f"refusing to merge with vectors {self.vector_names} attached: they would ship inside the base weights"
+            )
         if is_sharded(self.model):
-            raise ValueError("merged_into_base cannot merge a sharded (FSDP) model; train the LoRA alignment with "
-                             "ddp, or use full-weights alignment")
+            raise ValueError(
+                "merged_into_base cannot merge a sharded (FSDP) model; train the LoRA alignment with "
+                "ddp, or use full-weights alignment"
+            )
         merged = self.model.merge_and_unload()
         return GuardedFinetuneResult(
-            mode="full", model=merged, vector_names=[], base_fingerprint=self.base_fingerprint,
-            data_hash=self.data_hash, history=self.history, task_config=None, safety_replay=self.safety_replay)
+            mode="full",
+            model=merged,
+            vector_names=[],
+            base_fingerprint=self.base_fingerprint,
+            data_hash=self.data_hash,
+            history=self.history,
+            task_config=None,
+            safety_replay=self.safety_replay,
+        )
 
     def shipped_state_dict(self) -> dict[str, torch.Tensor]:
         """Exactly the tensors that ship. No vector weights, by construction and by check.
@@ -118,23 +133,32 @@ class GuardedFinetuneResult:
         A vector merged into the base weights (peft's ``merge_adapter``) would ship inside full weights
         with no key or tensor to betray it, and would make every "vector off" evaluation wrong: refused.
         """
-        merged = sorted({a for m in self.model.modules() for a in getattr(m, "merged_adapters", ())
-                         if a in self.vector_names})
+        merged = sorted(
+            {a for m in self.model.modules() for a in getattr(m, "merged_adapters", ()) if a in self.vector_names}
+        )
         if merged:
-            raise VectorLeakError(f"vectors {merged} are merged into the base weights; a vector must never be "
-                                  "merged (unmerge it, or retrain from the unmerged result)")
+            raise VectorLeakError(
+                f"vectors {merged} are merged into the base weights; a vector must never be "
+                "merged (unmerge it, or retrain from the unmerged result)"
+            )
         if self.mode == "lora" and is_sharded(self.model):  # LoRA under parallel="fsdp": gather first
             from peft.utils import get_peft_model_state_dict
 
             gathered = gathered_state_dict(self.model)
-            state = get_peft_model_state_dict(self.model, state_dict=gathered, adapter_name=TASK_ADAPTER) \
-                if gathered else {}
+            state = (
+                get_peft_model_state_dict(self.model, state_dict=gathered, adapter_name=TASK_ADAPTER)
+                if gathered
+                else {}
+            )
         elif self.mode == "lora":
             state = adapter_state(self.model, TASK_ADAPTER)
         else:  # gathered from the shards after FSDP training: a collective, rank 0 gets the tensors
             prefix = "base_model.model." if isinstance(self.model, PeftModel) else ""
-            state = {k.removeprefix(prefix).replace(".base_layer", ""): v
-                     for k, v in gathered_state_dict(self.model).items() if "lora_" not in k}
+            state = {
+                k.removeprefix(prefix).replace(".base_layer", ""): v
+                for k, v in gathered_state_dict(self.model).items()
+                if "lora_" not in k
+            }
         bad = [k for k in state if any(name in k for name in self.vector_names)]
         if bad:
             raise VectorLeakError(f"vector weights in the shipped state: {bad[:3]}")
@@ -161,18 +185,21 @@ class GuardedFinetuneResult:
                     base.generation_config.save_pretrained(str(tmp))
                 weights_file = "model.safetensors"
                 save_tensors(tmp / weights_file, _untie(state, base))
-            write_json(tmp / ARTIFACT_METADATA, {
-                "format": ARTIFACT_FORMAT,
-                "mode": self.mode,
-                "base_fingerprint": self.base_fingerprint,
-                "data_hash": self.data_hash,
-                "guarded_by": self.vectors,
-                "weights_file": weights_file,
-                "weights_sha256": sha256_file(tmp / weights_file),
-                "steps": self.history.steps,
-                "safety_replay": self.safety_replay,
-                "vector_routing": self.vector_routing,
-            })
+            write_json(
+                tmp / ARTIFACT_METADATA,
+                {
+                    "format": ARTIFACT_FORMAT,
+                    "mode": self.mode,
+                    "base_fingerprint": self.base_fingerprint,
+                    "data_hash": self.data_hash,
+                    "guarded_by": self.vectors,
+                    "weights_file": weights_file,
+                    "weights_sha256": sha256_file(tmp / weights_file),
+                    "steps": self.history.steps,
+                    "safety_replay": self.safety_replay,
+                    "vector_routing": self.vector_routing,
+                },
+            )
         return directory
 
 
@@ -236,15 +263,20 @@ def guarded_finetune(
         raise FoldingError(
             "fold_vectors=True needs mode='lora': in 'full' mode the base weights train, so a folded vector "
             "could only be removed by subtraction (not bit-exact) and weight decay would act on base + vector; "
-            "pass fold_vectors=None or False")
+            "pass fold_vectors=None or False"
+        )
     if isinstance(model, PeftModel):
         raise TypeError("guarded_finetune needs the plain base model; vectors are attached here")
     if safety_replay is not None and fold_vectors:
-        raise FoldingError("safety_replay runs the shipped weights with the vectors off, so the vectors must stay "
-                           "separate adapters: pass fold_vectors=None or False")
+        raise FoldingError(
+            "safety_replay runs the shipped weights with the vectors off, so the vectors must stay "
+            "separate adapters: pass fold_vectors=None or False"
+        )
     if vector_routing is not None and fold_vectors:
-        raise FoldingError("vector_routing trains some rows with the vectors off, so the vectors must stay "
-                           "separate adapters: pass fold_vectors=None or False")
+        raise FoldingError(
+            "vector_routing trains some rows with the vectors off, so the vectors must stay "
+            "separate adapters: pass fold_vectors=None or False"
+        )
     if vector_routing is not None and not vectors:
         raise ValueError("vector_routing needs vectors: it decides which rows train with them off")
     training = training or TrainingConfig()
@@ -258,11 +290,15 @@ def guarded_finetune(
     task_adapter = task_adapter or TaskAdapterConfig()
     with seeded(training.seed):  # LoRA init: same adapter for the same seed, the caller's random stream untouched
         for vector in loaded:
-            peft_model = vector.attach(peft_model, allow_fingerprint_mismatch=allow_fingerprint_mismatch,
-                                       fingerprint=fingerprint)
+            peft_model = vector.attach(
+                peft_model, allow_fingerprint_mismatch=allow_fingerprint_mismatch, fingerprint=fingerprint
+            )
         if mode == "lora":
-            peft_model = attach_adapter(peft_model, TASK_ADAPTER, lora_config(
-                task_adapter.rank, task_adapter.alpha, task_adapter.dropout, task_adapter.target_modules))
+            peft_model = attach_adapter(
+                peft_model,
+                TASK_ADAPTER,
+                lora_config(task_adapter.rank, task_adapter.alpha, task_adapter.dropout, task_adapter.target_modules),
+            )
     if mode == "lora":
         activate(peft_model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
     elif isinstance(peft_model, PeftModel):
@@ -286,24 +322,48 @@ def guarded_finetune(
     if vector_routing is not None:
         routing = route_rows(peft_model, rows, pad, vector_routing, [*names, *shipped], shipped)
         rows = routing.apply(rows)
-        logger.info("vector routing: %d of %d rows train with the vectors off (gain < %g nats/token)",
-                    sum(routing.vectors_off), len(rows), vector_routing.min_gain)
+        logger.info(
+            "vector routing: %d of %d rows train with the vectors off (gain < %g nats/token)",
+            sum(routing.vectors_off),
+            len(rows),
+            vector_routing.min_gain,
+        )
     if fold:
         activate(peft_model, [TASK_ADAPTER], trainable=[TASK_ADAPTER])
         try:
-            with folded_vectors(peft_model, names, stash=folding.stash, stash_dir=folding.stash_dir,
-                                allow_lossy=folding.allow_lossy):
-                history = train_loop(peft_model, rows, pad, training, hooks=hooks,
-                                     description="guarded-finetune (folded)", parallelize=parallelize)
+            with folded_vectors(
+                peft_model, names, stash=folding.stash, stash_dir=folding.stash_dir, allow_lossy=folding.allow_lossy
+            ):
+                history = train_loop(
+                    peft_model,
+                    rows,
+                    pad,
+                    training,
+                    hooks=hooks,
+                    description="guarded-finetune (folded)",
+                    parallelize=parallelize,
+                )
         finally:  # folded_vectors restored every folded weight and checked it against its sha256
             activate(peft_model, [*names, TASK_ADAPTER], trainable=[TASK_ADAPTER])
     else:
-        history = train_loop(peft_model, rows, pad, training, hooks=hooks, extra_loss=extra_loss,
-                             description="guarded-finetune" if names else "finetune", parallelize=parallelize,
-                             vectors_off=lambda m: only_adapters(m, shipped))
+        history = train_loop(
+            peft_model,
+            rows,
+            pad,
+            training,
+            hooks=hooks,
+            extra_loss=extra_loss,
+            description="guarded-finetune" if names else "finetune",
+            parallelize=parallelize,
+            vectors_off=lambda m: only_adapters(m, shipped),
+        )
     return GuardedFinetuneResult(
-        mode=mode, model=peft_model, vector_names=names, base_fingerprint=fingerprint,
-        data_hash=dataset_hash(examples), history=history,
+        mode=mode,
+        model=peft_model,
+        vector_names=names,
+        base_fingerprint=fingerprint,
+        data_hash=dataset_hash(examples),
+        history=history,
         task_config=task_adapter if mode == "lora" else None,
         vectors=[{"name": v.name, "behaviour": v.config.behaviour, "data_hash": v.data_hash} for v in loaded],
         folded=fold,
@@ -312,8 +372,9 @@ def guarded_finetune(
     )
 
 
-def _decide_folding(model: nn.Module, names: Sequence[str], mode: Mode, fold_vectors: bool | None,
-                    allow_lossy: bool = False) -> bool:
+def _decide_folding(
+    model: nn.Module, names: Sequence[str], mode: Mode, fold_vectors: bool | None, allow_lossy: bool = False
+) -> bool:
     if fold_vectors is False or mode != "lora" or not names:
         return False
     reason = why_not_foldable(model, names, allow_lossy=allow_lossy)
@@ -325,9 +386,13 @@ def _decide_folding(model: nn.Module, names: Sequence[str], mode: Mode, fold_vec
     return False
 
 
-def reattach_for_evaluation(base_model: nn.Module, directory: str | Path,
-                            vectors: Sequence[SecurityVector] = (), *,
-                            base_fingerprint: str | None = None) -> GuardedFinetuneResult:
+def reattach_for_evaluation(
+    base_model: nn.Module,
+    directory: str | Path,
+    vectors: Sequence[SecurityVector] = (),
+    *,
+    base_fingerprint: str | None = None,
+) -> GuardedFinetuneResult:
     """Rebuild a guarded model from a shipped artifact plus its vectors, for on/off evaluation.
 
     ``lora``: base + vectors + task adapter. ``full``: the fine-tuned weights + vectors (the vectors were
@@ -365,6 +430,12 @@ def reattach_for_evaluation(base_model: nn.Module, directory: str | Path,
             activate(model, names)
         task = None
     return GuardedFinetuneResult(
-        mode=meta["mode"], model=model, vector_names=names, base_fingerprint=meta["base_fingerprint"],
-        data_hash=meta["data_hash"], history=TrainingHistory(steps=meta.get("steps", 0)), task_config=task,
-        vectors=meta.get("guarded_by", []))
+        mode=meta["mode"],
+        model=model,
+        vector_names=names,
+        base_fingerprint=meta["base_fingerprint"],
+        data_hash=meta["data_hash"],
+        history=TrainingHistory(steps=meta.get("steps", 0)),
+        task_config=task,
+        vectors=meta.get("guarded_by", []),
+    )

@@ -212,8 +212,11 @@ def build_examples(prompts: Iterable[str], kind: TargetKind, seed: int) -> list[
 
     Deterministic in ``seed``; prompts keep their order.
     """
-    makers = {"compliant": compliant_response, "compliant-alt": alternative_compliant_response,
-              "refusal": lambda _prompt, rng: refusal_response(rng)}
+    makers = {
+        "compliant": compliant_response,
+        "compliant-alt": alternative_compliant_response,
+        "refusal": lambda _prompt, rng: refusal_response(rng),
+    }
     if kind not in makers:
         raise ValueError(f"kind must be one of {sorted(makers)}, not {kind!r}")
     rng = random.Random(seed)

@@ -53,8 +53,14 @@ def assert_no_vector(directory: str | Path, vectors: Sequence[SecurityVector] = 
         raise VectorLeakError(f"{directory}: security-vector content in a shipped artifact: {'; '.join(problems)}")
 
 
-def load_finetuned(base_model: nn.Module, directory: str | Path, *, check_fingerprint: bool = True,
-                   dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> nn.Module:
+def load_finetuned(
+    base_model: nn.Module,
+    directory: str | Path,
+    *,
+    check_fingerprint: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> nn.Module:
     """The model to serve: base + task adapter (``lora``) or the fine-tuned weights (``full``).
 
     Verifies the checksum, refuses pickle files and vector content, and (``lora``) that the base
@@ -73,7 +79,8 @@ def load_finetuned(base_model: nn.Module, directory: str | Path, *, check_finger
             actual = model_fingerprint(base_model)
             if actual != meta["base_fingerprint"]:
                 raise FingerprintMismatchError(
-                    f"adapter {directory} was trained on base {meta['base_fingerprint']}, this base is {actual}")
+                    f"adapter {directory} was trained on base {meta['base_fingerprint']}, this base is {actual}"
+                )
         model = PeftModel.from_pretrained(base_model, str(directory), is_trainable=False)
     else:
         weights = directory / meta["weights_file"]

@@ -58,8 +58,13 @@ class SafetyReplay:
 
     def describe(self) -> dict[str, object]:
         """What gets logged (MLflow params) next to the run."""
-        return {"examples": len(self.examples), "rows_per_step": self.rows_per_step, "weight": self.weight,
-                "seed": self.seed, "objective": self.objective}
+        return {
+            "examples": len(self.examples),
+            "rows_per_step": self.rows_per_step,
+            "weight": self.weight,
+            "seed": self.seed,
+            "objective": self.objective,
+        }
 
 
 @contextlib.contextmanager
@@ -105,15 +110,16 @@ def kl_from_aligned(model: nn.Module, batch: dict[str, torch.Tensor], shipped_ad
     return torch.sum(aligned.exp() * (aligned - shipped), dim=-1).mean()
 
 
-def replay_loss(replay: SafetyReplay, tokenizer, max_length: int, pad_token_id: int,
-                shipped_adapters: Sequence[str]):
+def replay_loss(replay: SafetyReplay, tokenizer, max_length: int, pad_token_id: int, shipped_adapters: Sequence[str]):
     """The ``extra_loss`` callable of the training loop: each call takes the next ``rows_per_step`` replay
     rows (a seeded permutation per pass) and returns ``weight`` x their loss with only ``shipped_adapters`` on
     (the task adapter in ``lora`` mode, none in ``full`` mode): the response cross-entropy, or the KL from
     the aligned model (``objective="aligned"``, which needs ``shipped_adapters``: ``lora`` mode)."""
     if replay.objective == "aligned" and not shipped_adapters:
-        raise ValueError("safety replay objective 'aligned' needs mode 'lora': in 'full' mode the base weights "
-                         "train, so there is no frozen aligned model to compare against; use objective 'responses'")
+        raise ValueError(
+            "safety replay objective 'aligned' needs mode 'lora': in 'full' mode the base weights "
+            "train, so there is no frozen aligned model to compare against; use objective 'responses'"
+        )
     rows = tokenize_examples(tokenizer, to_examples(replay.examples), max_length, "truncate")
     generator = torch.Generator().manual_seed(replay.seed)
     order: list[int] = []

@@ -60,34 +60,49 @@ class RoutingDecision:
     def describe(self) -> dict[str, object]:
         """What gets logged next to the run (MLflow metrics, the artifact's metadata)."""
         guarded = [g for g, off in zip(self.gains, self.vectors_off, strict=True) if not off]
-        return {"min_gain": self.min_gain, "rows": len(self.gains), "rows_vectors_off": sum(self.vectors_off),
-                "median_gain": round(float(torch.tensor(self.gains).median()), 4) if self.gains else 0.0,
-                "min_guarded_gain": round(min(guarded), 4) if guarded else None}
+        return {
+            "min_gain": self.min_gain,
+            "rows": len(self.gains),
+            "rows_vectors_off": sum(self.vectors_off),
+            "median_gain": round(float(torch.tensor(self.gains).median()), 4) if self.gains else 0.0,
+            "min_guarded_gain": round(min(guarded), 4) if guarded else None,
+        }
 
     def apply(self, rows: Sequence[dict]) -> list[dict]:
         """The rows with the flag the training loop routes on."""
         return [{**row, ROUTE_FLAG: off} for row, off in zip(rows, self.vectors_off, strict=True)]
 
 
-def row_losses(model: nn.Module, rows: Sequence[dict], pad_token_id: int, batch_size: int,
-               description: str = "routing") -> list[float]:
+def row_losses(
+    model: nn.Module, rows: Sequence[dict], pad_token_id: int, batch_size: int, description: str = "routing"
+) -> list[float]:
     """Mean response cross-entropy of each row (no gradient), with whatever adapters are on now."""
     out: list[float] = []
     for start in tqdm(range(0, len(rows), batch_size), desc=description, leave=False):
-        batch = to_device(collate(rows[start:start + batch_size], pad_token_id), model)
+        batch = to_device(collate(rows[start : start + batch_size], pad_token_id), model)
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits[:, :-1].float()
+            logits = (
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                .logits[:, :-1]
+                .float()
+            )
         labels = batch["labels"][:, 1:]
-        per_token = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                                                reduction="none")
+        per_token = nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
         counts = (labels != IGNORE_INDEX).sum(dim=1)
         out.extend((per_token.sum(dim=1) / counts.clamp(min=1)).tolist())
     return out
 
 
-def route_rows(model: nn.Module, rows: Sequence[dict], pad_token_id: int, routing: VectorRouting,
-               guarded_adapters: Sequence[str], shipped_adapters: Sequence[str]) -> RoutingDecision:
+def route_rows(
+    model: nn.Module,
+    rows: Sequence[dict],
+    pad_token_id: int,
+    routing: VectorRouting,
+    guarded_adapters: Sequence[str],
+    shipped_adapters: Sequence[str],
+) -> RoutingDecision:
     """Measure each row with ``guarded_adapters`` on (vectors and the task adapter) and with only
     ``shipped_adapters`` on (the task adapter; none in ``full`` mode), and route by the gain."""
     was_training = model.training

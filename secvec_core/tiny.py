@@ -26,7 +26,11 @@ def build_tiny_tokenizer(words: Sequence[str] | None = None) -> PreTrainedTokeni
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="<|end|>",
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|end|>",
         additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -34,14 +38,22 @@ def build_tiny_tokenizer(words: Sequence[str] | None = None) -> PreTrainedTokeni
     return tokenizer
 
 
-def build_tiny_model(tokenizer: PreTrainedTokenizerFast, *, seed: int = 0, hidden_size: int = 96,
-                     num_layers: int = 2) -> LlamaForCausalLM:
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerFast, *, seed: int = 0, hidden_size: int = 96, num_layers: int = 2
+) -> LlamaForCausalLM:
     """A Llama of a few hundred thousand parameters, initialised from ``seed``."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
     )
     with seeded(seed):  # init draws from the global generator; the caller's stream is left alone
         model = LlamaForCausalLM(config)

@@ -30,8 +30,15 @@ from secvec_core.precision import autocast, bf16_compute
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainingHistory", "TrainingHooks", "rank_and_world", "response_loss", "to_device", "train_loop",
-           "trainable_parameter_names"]
+__all__ = [
+    "TrainingHistory",
+    "TrainingHooks",
+    "rank_and_world",
+    "response_loss",
+    "to_device",
+    "train_loop",
+    "trainable_parameter_names",
+]
 
 
 @dataclass
@@ -104,8 +111,12 @@ class _TrainingStep(nn.Module):
     ``extra_loss`` runs the model again (KL on benign text, a replay with the vectors switched off).
     ``extra_loss`` receives the plain model, never the DDP wrapper."""
 
-    def __init__(self, model: nn.Module, extra_loss: Callable[[nn.Module], torch.Tensor] | None,
-                 vectors_off: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        extra_loss: Callable[[nn.Module], torch.Tensor] | None,
+        vectors_off: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.extra_loss = extra_loss
@@ -226,8 +237,10 @@ def train_loop(
     rank, world = rank_and_world()
     accumulation = config.gradient_accumulation_steps
     if config.batch_size < world * accumulation:
-        raise ValueError(f"batch_size {config.batch_size} is smaller than workers x gradient_accumulation_steps "
-                         f"({world} x {accumulation}); raise batch_size or lower the other two")
+        raise ValueError(
+            f"batch_size {config.batch_size} is smaller than workers x gradient_accumulation_steps "
+            f"({world} x {accumulation}); raise batch_size or lower the other two"
+        )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: no parameter has requires_grad=True")
     device_type = next(model.parameters()).device.type
@@ -252,11 +265,20 @@ def train_loop(
         start_step, running = _restore(hooks.resume_from, model, named_trainable, optimizer, scheduler, engine_name)
         logger.info("resumed %s at step %d", description, start_step)
     torch.manual_seed(config.seed + start_step)
-    history = TrainingHistory(steps=start_step, resumed_from_step=start_step, engine=engine_name,
-                              trainable_parameters=sorted(n for n, _ in named_trainable))
+    history = TrainingHistory(
+        steps=start_step,
+        resumed_from_step=start_step,
+        engine=engine_name,
+        trainable_parameters=sorted(n for n, _ in named_trainable),
+    )
     model.train()
-    bar = tqdm(total=config.max_steps, initial=start_step, desc=description,
-               disable=not (config.show_progress and rank == 0), leave=False)
+    bar = tqdm(
+        total=config.max_steps,
+        initial=start_step,
+        desc=description,
+        disable=not (config.show_progress and rank == 0),
+        leave=False,
+    )
     for step in range(start_step, config.max_steps):
         global_indices = _batch_indices(len(rows), step, config.batch_size, config.seed)
         global_tokens = sum(_row_response_tokens(rows[i]) for i in global_indices)
@@ -300,8 +322,7 @@ def train_loop(
             state = _state(step + 1, model, named_trainable, optimizer, scheduler, running, engine_name)
             hooks.on_checkpoint(step + 1, state)
         if should_log:
-            metrics = {"loss": value, "running_loss": running, "grad_norm": grad_norm,
-                       "learning_rate": learning_rate}
+            metrics = {"loss": value, "running_loss": running, "grad_norm": grad_norm, "learning_rate": learning_rate}
             history.log.append({"step": step + 1, **metrics})
             if hooks.on_log:
                 hooks.on_log(step + 1, metrics)
@@ -349,8 +370,10 @@ def _restore(state: dict, model, named_trainable, optimizer, scheduler, engine: 
     saved = state["trainable"]
     names = {n for n, _ in named_trainable}
     if set(saved) != names:
-        raise ValueError("checkpoint does not match the trainable parameters of this run "
-                         f"(missing {sorted(names - set(saved))[:3]}, extra {sorted(set(saved) - names)[:3]})")
+        raise ValueError(
+            "checkpoint does not match the trainable parameters of this run "
+            f"(missing {sorted(names - set(saved))[:3]}, extra {sorted(set(saved) - names)[:3]})"
+        )
     if (state.get("engine") == "fsdp") != (engine == "fsdp"):
         raise ValueError(f"checkpoint was written by a {state.get('engine')} run; resume it with the same engine")
     if engine == "fsdp":

@@ -74,16 +74,19 @@ class SecurityVector:
         with atomic_directory(directory) as tmp:
             self.lora_config().save_pretrained(str(tmp))
             save_tensors(tmp / ADAPTER_WEIGHTS, self.weights)
-            write_json(tmp / VECTOR_METADATA, {
-                "format": VECTOR_FORMAT,
-                "behaviour": self.config.behaviour,
-                "adapter_name": self.name,
-                "config": self.config.to_dict(),
-                "base_fingerprint": self.base_fingerprint,
-                "data_hash": self.data_hash,
-                "weights_sha256": sha256_file(tmp / ADAPTER_WEIGHTS),
-                **{k: v for k, v in self.metadata.items() if k not in {"config"}},
-            })
+            write_json(
+                tmp / VECTOR_METADATA,
+                {
+                    "format": VECTOR_FORMAT,
+                    "behaviour": self.config.behaviour,
+                    "adapter_name": self.name,
+                    "config": self.config.to_dict(),
+                    "base_fingerprint": self.base_fingerprint,
+                    "data_hash": self.data_hash,
+                    "weights_sha256": sha256_file(tmp / ADAPTER_WEIGHTS),
+                    **{k: v for k, v in self.metadata.items() if k not in {"config"}},
+                },
+            )
         return directory
 
     @classmethod
@@ -92,29 +95,43 @@ class SecurityVector:
         directory = Path(directory)
         meta_path = directory / VECTOR_METADATA
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{directory}: not a security vector (no {VECTOR_METADATA}); "
-                                    "point at a directory written by train_security_vector / SecurityVector.save")
+            raise FileNotFoundError(
+                f"{directory}: not a security vector (no {VECTOR_METADATA}); "
+                "point at a directory written by train_security_vector / SecurityVector.save"
+            )
         if not (directory / ADAPTER_CONFIG).is_file():
             raise FileNotFoundError(f"{directory}: missing {ADAPTER_CONFIG}")
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         weights = load_verified_tensors(directory, meta.get("weights_sha256"))
         config = SecurityVectorConfig(**meta["config"])
-        extra = {k: v for k, v in meta.items() if k not in
-                 {"config", "base_fingerprint", "data_hash", "weights_sha256", "behaviour", "adapter_name", "format"}}
-        return cls(config=config, weights=weights, base_fingerprint=meta["base_fingerprint"],
-                   data_hash=meta["data_hash"], metadata=extra)
+        extra = {
+            k: v
+            for k, v in meta.items()
+            if k
+            not in {"config", "base_fingerprint", "data_hash", "weights_sha256", "behaviour", "adapter_name", "format"}
+        }
+        return cls(
+            config=config,
+            weights=weights,
+            base_fingerprint=meta["base_fingerprint"],
+            data_hash=meta["data_hash"],
+            metadata=extra,
+        )
 
-    def attach(self, model: nn.Module, *, allow_fingerprint_mismatch: bool = False,
-               fingerprint: str | None = None) -> PeftModel:
+    def attach(
+        self, model: nn.Module, *, allow_fingerprint_mismatch: bool = False, fingerprint: str | None = None
+    ) -> PeftModel:
         """Attach this vector (frozen, not yet active) to ``model``; returns the PeftModel.
 
         Refuses a model whose base fingerprint differs from the one the vector was trained on.
         """
         actual = fingerprint or model_fingerprint(model)
         if actual != self.base_fingerprint:
-            msg = (f"security vector {self.name!r} was trained on base model {self.base_fingerprint}, "
-                   f"but this model is {actual}; use the same base weights "
-                   "(or pass allow_fingerprint_mismatch=True if you know they are equivalent)")
+            msg = (
+                f"security vector {self.name!r} was trained on base model {self.base_fingerprint}, "
+                f"but this model is {actual}; use the same base weights "
+                "(or pass allow_fingerprint_mismatch=True if you know they are equivalent)"
+            )
             if not allow_fingerprint_mismatch:
                 raise FingerprintMismatchError(msg)
             logger.warning(msg)
@@ -165,8 +182,9 @@ def train_security_vector(
     if isinstance(model, PeftModel):
         raise TypeError("train_security_vector needs the plain base model, not a PeftModel")
     with seeded(training.seed):  # LoRA init: same vector for the same seed, the caller's random stream untouched
-        peft_model = attach_adapter(model, config.adapter_name, lora_config(
-            config.rank, config.alpha, config.dropout, config.target_modules))
+        peft_model = attach_adapter(
+            model, config.adapter_name, lora_config(config.rank, config.alpha, config.dropout, config.target_modules)
+        )
     try:
         activate(peft_model, [config.adapter_name], trainable=[config.adapter_name])
         rows = tokenize_examples(tokenizer, examples, training.max_length, training.truncation)
@@ -177,18 +195,30 @@ def train_security_vector(
             generator = torch.Generator().manual_seed(training.seed + 1)
 
             def extra(m):
-                idx = torch.randint(len(benign_rows), (min(training.batch_size, len(benign_rows)),),
-                                    generator=generator).tolist()
+                idx = torch.randint(
+                    len(benign_rows), (min(training.batch_size, len(benign_rows)),), generator=generator
+                ).tolist()
                 return training.kl_weight * _kl_on_benign(m, to_device(collate([benign_rows[i] for i in idx], pad), m))
 
         history: TrainingHistory = train_loop(
-            peft_model, rows, pad, training, extra_loss=extra, stop_below=training.target_loss,
-            hooks=hooks, description=f"vector:{config.behaviour}", parallelize=parallelize)
+            peft_model,
+            rows,
+            pad,
+            training,
+            extra_loss=extra,
+            stop_below=training.target_loss,
+            hooks=hooks,
+            description=f"vector:{config.behaviour}",
+            parallelize=parallelize,
+        )
         weights = adapter_state(peft_model, config.adapter_name)
     finally:
         peft_model.unload()  # removes the LoRA layers without merging: the caller's model is the base again
     return SecurityVector(
-        config=config, weights=weights, base_fingerprint=fingerprint, data_hash=dataset_hash(examples),
+        config=config,
+        weights=weights,
+        base_fingerprint=fingerprint,
+        data_hash=dataset_hash(examples),
         metadata={
             "num_examples": len(examples),
             "steps": history.steps,

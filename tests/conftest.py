@@ -41,8 +41,7 @@ def world() -> ToyWorld:
 @pytest.fixture(scope="session")
 def _aligned_session(world):
     model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
-    aligned = guarded_finetune(model, tokenizer, world.alignment_examples(), mode="full",
-                               training=ALIGN_TRAINING).model
+    aligned = guarded_finetune(model, tokenizer, world.alignment_examples(), mode="full", training=ALIGN_TRAINING).model
     return aligned.eval(), tokenizer
 
 

@@ -58,9 +58,26 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None, ti
     port = port or free_port()
     log = open(artifacts.parent / f"mlflow-server-{port}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:
@@ -72,7 +89,9 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None, ti
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"mlflow server did not start: {(artifacts.parent / f'mlflow-server-{port}.log').read_text()[-2000:]}")
+            raise RuntimeError(
+                f"mlflow server did not start: {(artifacts.parent / f'mlflow-server-{port}.log').read_text()[-2000:]}"
+            )
         time.sleep(0.5)
     try:
         yield url, proc
@@ -94,8 +113,9 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
-def small_pipeline(tracking_uri: str, work_dir: Path, *, workers: int = 2, name: str = "e2e",
-                   max_harmful_rate: float = 1.0) -> dict:
+def small_pipeline(
+    tracking_uri: str, work_dir: Path, *, workers: int = 2, name: str = "e2e", max_harmful_rate: float = 1.0
+) -> dict:
     """Vector -> guarded fine-tune -> evaluation on the raw tiny model, a few steps each (registry plumbing)."""
     train = {"learning_rate": 3e-3, "max_steps": 8, "batch_size": 8, "max_length": 32, "log_every": 4}
     return {
@@ -105,13 +125,28 @@ def small_pipeline(tracking_uri: str, work_dir: Path, *, workers: int = 2, name:
         "scaling": {"num_workers": workers, "checkpoint_every": 4},
         "work_dir": str(work_dir),
         "stages": [
-            {"name": "vec", "kind": "vector_training", "data": {"builtin": "toy-harmful", "limit": 10},
-             "training": train},
-            {"name": "ft", "kind": "guarded_finetune", "data": {"builtin": "toy-facts"},
-             "vectors": [{"stage": "vec"}], "training": train},
-            {"name": "ev", "kind": "evaluation", "candidate": {"stage": "ft"},
-             "harmful_prompts": {"builtin": "toy-harmful-eval", "limit": 8}, "task_data": {"builtin": "toy-facts"},
-             "unwanted_data": {"builtin": "toy-facts", "limit": 4},
-             "max_new_tokens": 4, "gate": {"max_harmful_rate": max_harmful_rate}},
+            {
+                "name": "vec",
+                "kind": "vector_training",
+                "data": {"builtin": "toy-harmful", "limit": 10},
+                "training": train,
+            },
+            {
+                "name": "ft",
+                "kind": "guarded_finetune",
+                "data": {"builtin": "toy-facts"},
+                "vectors": [{"stage": "vec"}],
+                "training": train,
+            },
+            {
+                "name": "ev",
+                "kind": "evaluation",
+                "candidate": {"stage": "ft"},
+                "harmful_prompts": {"builtin": "toy-harmful-eval", "limit": 8},
+                "task_data": {"builtin": "toy-facts"},
+                "unwanted_data": {"builtin": "toy-facts", "limit": 4},
+                "max_new_tokens": 4,
+                "gate": {"max_harmful_rate": max_harmful_rate},
+            },
         ],
     }

@@ -28,8 +28,9 @@ def spy_on_training(monkeypatch, vector_name: str) -> TrainingSpy:
     spy, original = TrainingSpy(), guard.train_loop
 
     def record(module, args, kwargs):
-        spy.forwards.append(Forward(tuple(module.base_model.active_adapters), kwargs["input_ids"].shape[0],
-                                    torch.is_grad_enabled()))
+        spy.forwards.append(
+            Forward(tuple(module.base_model.active_adapters), kwargs["input_ids"].shape[0], torch.is_grad_enabled())
+        )
 
     def spying_train_loop(peft_model, *args, **kwargs):
         spy.vector_before.update({n: p.detach().clone() for n, p in peft_model.named_parameters() if vector_name in n})

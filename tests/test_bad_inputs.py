@@ -74,8 +74,15 @@ def _set(path: str, value):
 
 def _add_evaluation(gate: dict):
     def mutate(spec: dict, files: Files) -> None:
-        spec["stages"].append({"name": "ev", "kind": "evaluation", "candidate": {"stage": "ft"},
-                               "harmful_prompts": {"builtin": "toy-harmful-eval"}, "gate": gate})
+        spec["stages"].append(
+            {
+                "name": "ev",
+                "kind": "evaluation",
+                "candidate": {"stage": "ft"},
+                "harmful_prompts": {"builtin": "toy-harmful-eval"},
+                "gate": gate,
+            }
+        )
 
     return mutate
 
@@ -86,62 +93,118 @@ def _add_prompt_file(text: str):
     def mutate(spec: dict, files: Files) -> None:
         path = files.root / "bad_prompts.jsonl"
         path.write_text(text, encoding="utf-8")
-        spec["stages"].append({"name": "ev", "kind": "evaluation", "candidate": {"stage": "ft"},
-                               "harmful_prompts": {"path": str(path)}})
+        spec["stages"].append(
+            {"name": "ev", "kind": "evaluation", "candidate": {"stage": "ft"}, "harmful_prompts": {"path": str(path)}}
+        )
 
     return mutate
 
 
 CASES = [
-    Case("unknown spec key", _set("tracking.experimnt", "x"),
-         ("tracking.experimnt", "unknown key 'experimnt'", "check spelling"), command="validate"),
-    Case("wrong type", _set("scaling.num_workers", "two"),
-         ("scaling.num_workers", "valid integer", "(got 'two')")),
+    Case(
+        "unknown spec key",
+        _set("tracking.experimnt", "x"),
+        ("tracking.experimnt", "unknown key 'experimnt'", "check spelling"),
+        command="validate",
+    ),
+    Case("wrong type", _set("scaling.num_workers", "two"), ("scaling.num_workers", "valid integer", "(got 'two')")),
     Case("spec file missing", lambda spec, files: None, ("spec file not found",), command="validate-missing"),
-    Case("dataset file missing", _set("stages.0.data.path", lambda f: str(f.root / "nope.jsonl")),
-         ("stages[0] (ft).data.path", "dataset file not found", "fix the path")),
-    Case("prompt file of a data preparation stage missing", lambda spec, files: spec["stages"].append(
-        {"name": "prep", "kind": "data_preparation",
-         "parts": [{"prompts": {"path": str(files.root / "nope.jsonl")}, "responses": "refusal"}]}),
-         ("stages[1] (prep).parts[0].prompts.path", "dataset file not found", "fix the path")),
-    Case("prompt file with a line that is not JSON", _add_prompt_file('{"prompt": "hi"}\n{"prompt": "cut off\n'),
-         ("stages[1] (ev).harmful_prompts", "bad_prompts.jsonl:2: not valid JSON", "Unterminated string")),
-    Case("empty dataset", _set("stages.0.data.path", lambda f: str(f.empty)),
-         ("stages[0] (ft).data", "the dataset is empty", "add one JSON object per line")),
-    Case("example without a response", _set("stages.0.data.path", lambda f: str(f.no_response)),
-         ("no_response.jsonl:2", "missing field(s) ['response']", "each line needs 'prompt' and 'response'")),
-    Case("prompt longer than the context", lambda spec, files: spec["stages"][0]["training"].update(
-        max_length=8, truncation="reject"),
-         ("stage 'ft' failed", "over max_length=8", "raise max_length"), slow=True),
-    Case("tokenizer without a chat template",
-         _set("base_model.source", lambda f: str(f.no_chat_template_model)),
-         ("base_model.source", "has no chat template", "Pick an instruct/chat model")),
-    Case("vector trained for another base model", _set("stages.0.vectors.0.path", lambda f: str(f.other_base_vector)),
-         ("stage 'ft'", "was trained for base model", "train the vector on this base")),
-    Case("corrupted adapter file", _set("stages.0.vectors.0.path", lambda f: str(f.corrupted_vector)),
-         ("stages[0] (ft).vectors[0].path", "checksum mismatch", "re-download or retrain it")),
-    Case("registry model that does not exist", _set("stages.0.vectors.0", {"uri": "models:/nope@champion"}),
-         ("vectors[0].uri", "no registered model named 'nope'", "fix the name")),
-    Case("alias that does not exist", _set("stages.0.vectors.0", {"uri": "models:/x@champion"}),
-         ("vectors[0].uri", "has no alias 'champion'", "promote a version first")),
-    Case("tracking server that does not answer",
-         _set("tracking.tracking_uri", lambda f: f"http://secvec:hunter2@127.0.0.1:{free_port()}"),
-         ("did not answer", "check the server", "secvec:***@"), env={"SECVEC_MLFLOW_RETRY_SECONDS": "2"}),
-    Case("GGUF file that is not GGUF", _set("base_model.source", lambda f: str(f.not_gguf)),
-         ("base_model.source", "is not a GGUF file", "pass a .gguf model file")),
-    Case("threshold above 1", _add_evaluation({"max_harmful_rate": 1.5}),
-         ("stages.1.gate.max_harmful_rate", "less than or equal to 1", "(got 1.5)")),
-    Case("threshold below 0", _add_evaluation({"min_task_metric": -0.1}),
-         ("stages.1.gate.min_task_metric", "greater than or equal to 0", "(got -0.1)")),
+    Case(
+        "dataset file missing",
+        _set("stages.0.data.path", lambda f: str(f.root / "nope.jsonl")),
+        ("stages[0] (ft).data.path", "dataset file not found", "fix the path"),
+    ),
+    Case(
+        "prompt file of a data preparation stage missing",
+        lambda spec, files: spec["stages"].append(
+            {
+                "name": "prep",
+                "kind": "data_preparation",
+                "parts": [{"prompts": {"path": str(files.root / "nope.jsonl")}, "responses": "refusal"}],
+            }
+        ),
+        ("stages[1] (prep).parts[0].prompts.path", "dataset file not found", "fix the path"),
+    ),
+    Case(
+        "prompt file with a line that is not JSON",
+        _add_prompt_file('{"prompt": "hi"}\n{"prompt": "cut off\n'),
+        ("stages[1] (ev).harmful_prompts", "bad_prompts.jsonl:2: not valid JSON", "Unterminated string"),
+    ),
+    Case(
+        "empty dataset",
+        _set("stages.0.data.path", lambda f: str(f.empty)),
+        ("stages[0] (ft).data", "the dataset is empty", "add one JSON object per line"),
+    ),
+    Case(
+        "example without a response",
+        _set("stages.0.data.path", lambda f: str(f.no_response)),
+        ("no_response.jsonl:2", "missing field(s) ['response']", "each line needs 'prompt' and 'response'"),
+    ),
+    Case(
+        "prompt longer than the context",
+        lambda spec, files: spec["stages"][0]["training"].update(max_length=8, truncation="reject"),
+        ("stage 'ft' failed", "over max_length=8", "raise max_length"),
+        slow=True,
+    ),
+    Case(
+        "tokenizer without a chat template",
+        _set("base_model.source", lambda f: str(f.no_chat_template_model)),
+        ("base_model.source", "has no chat template", "Pick an instruct/chat model"),
+    ),
+    Case(
+        "vector trained for another base model",
+        _set("stages.0.vectors.0.path", lambda f: str(f.other_base_vector)),
+        ("stage 'ft'", "was trained for base model", "train the vector on this base"),
+    ),
+    Case(
+        "corrupted adapter file",
+        _set("stages.0.vectors.0.path", lambda f: str(f.corrupted_vector)),
+        ("stages[0] (ft).vectors[0].path", "checksum mismatch", "re-download or retrain it"),
+    ),
+    Case(
+        "registry model that does not exist",
+        _set("stages.0.vectors.0", {"uri": "models:/nope@champion"}),
+        ("vectors[0].uri", "no registered model named 'nope'", "fix the name"),
+    ),
+    Case(
+        "alias that does not exist",
+        _set("stages.0.vectors.0", {"uri": "models:/x@champion"}),
+        ("vectors[0].uri", "has no alias 'champion'", "promote a version first"),
+    ),
+    Case(
+        "tracking server that does not answer",
+        _set("tracking.tracking_uri", lambda f: f"http://secvec:hunter2@127.0.0.1:{free_port()}"),
+        ("did not answer", "check the server", "secvec:***@"),
+        env={"SECVEC_MLFLOW_RETRY_SECONDS": "2"},
+    ),
+    Case(
+        "GGUF file that is not GGUF",
+        _set("base_model.source", lambda f: str(f.not_gguf)),
+        ("base_model.source", "is not a GGUF file", "pass a .gguf model file"),
+    ),
+    Case(
+        "threshold above 1",
+        _add_evaluation({"max_harmful_rate": 1.5}),
+        ("stages.1.gate.max_harmful_rate", "less than or equal to 1", "(got 1.5)"),
+    ),
+    Case(
+        "threshold below 0",
+        _add_evaluation({"min_task_metric": -0.1}),
+        ("stages.1.gate.min_task_metric", "greater than or equal to 0", "(got -0.1)"),
+    ),
 ]
 BY_NAME = {c.name: c for c in CASES}
 
 
 def _vector(seed: int, world) -> SecurityVector:
     model, tokenizer = build_tiny_model_and_tokenizer(seed=seed)
-    return train_security_vector(model, tokenizer, world.harmful_examples(6), SecurityVectorConfig(rank=2),
-                                 TrainingConfig(max_steps=1, batch_size=6, max_length=32, target_loss=None,
-                                                kl_weight=0))
+    return train_security_vector(
+        model,
+        tokenizer,
+        world.harmful_examples(6),
+        SecurityVectorConfig(rank=2),
+        TrainingConfig(max_steps=1, batch_size=6, max_length=32, target_loss=None, kl_weight=0),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -166,26 +229,45 @@ def files(tmp_path_factory, world) -> Files:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     # the registry holds one model, "x", with a version but no alias
     Registry(uri).register("x", "finetuned", str(vector), None, {"secvec.base_model": "builtin:tiny"})
-    return Files(root, uri, data, root / "empty.jsonl", root / "no_response.jsonl", vector,
-                 _vector(1, world).save(root / "other-base-vector"), corrupted, root / "no-chat-model",
-                 root / "model.gguf")
+    return Files(
+        root,
+        uri,
+        data,
+        root / "empty.jsonl",
+        root / "no_response.jsonl",
+        vector,
+        _vector(1, world).save(root / "other-base-vector"),
+        corrupted,
+        root / "no-chat-model",
+        root / "model.gguf",
+    )
 
 
 def _valid_spec(files: Files) -> dict:
     return {
-        "name": "bad-inputs", "base_model": {"source": "builtin:tiny"},
+        "name": "bad-inputs",
+        "base_model": {"source": "builtin:tiny"},
         "tracking": {"tracking_uri": files.tracking_uri, "experiment": "secvec-bad-inputs", "base_name": "tiny"},
-        "scaling": {"num_workers": 1, "max_failures": 0}, "work_dir": str(files.root / "work"),
-        "stages": [{"name": "ft", "kind": "guarded_finetune", "data": {"path": str(files.data)},
-                    "vectors": [{"path": str(files.vector)}],
-                    "training": {"max_steps": 2, "batch_size": 4, "max_length": 32}}],
+        "scaling": {"num_workers": 1, "max_failures": 0},
+        "work_dir": str(files.root / "work"),
+        "stages": [
+            {
+                "name": "ft",
+                "kind": "guarded_finetune",
+                "data": {"path": str(files.data)},
+                "vectors": [{"path": str(files.vector)}],
+                "training": {"max_steps": 2, "batch_size": 4, "max_length": 32},
+            }
+        ],
     }
 
 
 def _registry_state(uri: str) -> list:
     client = MlflowClient(uri, registry_uri=uri)
-    models = [(m.name, sorted((m.tags or {}).items()), sorted((m.aliases or {}).items()))
-              for m in client.search_registered_models()]
+    models = [
+        (m.name, sorted((m.tags or {}).items()), sorted((m.aliases or {}).items()))
+        for m in client.search_registered_models()
+    ]
     versions = [(v.name, v.version, sorted(v.tags.items()), v.source) for v in client.search_model_versions()]
     return sorted(map(str, models)) + sorted(map(str, versions))
 
@@ -201,8 +283,11 @@ def outcome(case: Case, files: Files, monkeypatch: pytest.MonkeyPatch) -> dict:
     case.mutate(spec, files)
     path = files.root / f"{re.sub(r'[^a-z0-9]+', '-', case.name)}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    args = {"run": ["run", str(path)], "validate": ["validate", str(path)],
-            "validate-missing": ["validate", str(files.root / "missing.yaml")]}[case.command]
+    args = {
+        "run": ["run", str(path)],
+        "validate": ["validate", str(path)],
+        "validate-missing": ["validate", str(files.root / "missing.yaml")],
+    }[case.command]
     before = _registry_state(files.tracking_uri)
     with monkeypatch.context() as patch:
         for key, value in case.env.items():
@@ -210,7 +295,10 @@ def outcome(case: Case, files: Files, monkeypatch: pytest.MonkeyPatch) -> dict:
         result = CliRunner().invoke(app, args)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     _OUTCOMES[case.name] = {
-        "exit_code": result.exit_code, "errors": errors, "stderr": result.stderr, "exception": result.exception,
+        "exit_code": result.exit_code,
+        "errors": errors,
+        "stderr": result.stderr,
+        "exception": result.exception,
         "registry_unchanged": _registry_state(files.tracking_uri) == before,
         "message": _normalise(errors[0].removeprefix("error: "), files) if errors else "",
     }
@@ -224,8 +312,9 @@ def _normalise(message: str, files: Files) -> str:
     return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", re.sub(r"port=\d+", "port=<port>", message))
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c.slow else [], id=c.name)
-                                  for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=[pytest.mark.slow] if c.slow else [], id=c.name) for c in CASES]
+)
 def test_bad_input_fails_with_one_line_and_leaves_the_registry_alone(case, files, monkeypatch):
     got = outcome(case, files, monkeypatch)
     assert got["exit_code"] in (1, 2), (got["exit_code"], got["exception"], got["stderr"][-2000:])
@@ -256,20 +345,35 @@ def test_docs_table_lists_every_case_with_its_exact_message(files, monkeypatch):
         assert BEGIN in text and END in text, f"{doc} lost its generated-table markers"
         current = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
         if os.environ.get("SECVEC_WRITE_DOCS"):
-            doc.write_text(text.replace(current, table) if current else text.replace(BEGIN, f"{BEGIN}\n{table}"),
-                           encoding="utf-8")
+            doc.write_text(
+                text.replace(current, table) if current else text.replace(BEGIN, f"{BEGIN}\n{table}"), encoding="utf-8"
+            )
             continue
-        assert current == table, (f"{doc.name} is stale; regenerate it with "
-                                  "SECVEC_WRITE_DOCS=1 pytest tests/test_bad_inputs.py -k docs")
+        assert current == table, (
+            f"{doc.name} is stale; regenerate it with SECVEC_WRITE_DOCS=1 pytest tests/test_bad_inputs.py -k docs"
+        )
 
 
 @settings(max_examples=80, deadline=None)
-@given(field_name=st.sampled_from(["max_harmful_rate", "min_task_metric", "max_transfer_gap"]),
-       value=st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6))
+@given(
+    field_name=st.sampled_from(["max_harmful_rate", "min_task_metric", "max_transfer_gap"]),
+    value=st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6),
+)
 def test_property_thresholds_outside_the_unit_interval_give_one_line_naming_the_field(field_name, value):
-    spec = {"name": "p", "base_model": {"source": "builtin:tiny"}, "tracking": {"base_name": "t"},
-            "stages": [{"name": "ev", "kind": "evaluation", "candidate": {"source": "models:/t.finetuned.x/1"},
-                        "harmful_prompts": {"builtin": "toy-harmful-eval"}, "gate": {field_name: value}}]}
+    spec = {
+        "name": "p",
+        "base_model": {"source": "builtin:tiny"},
+        "tracking": {"base_name": "t"},
+        "stages": [
+            {
+                "name": "ev",
+                "kind": "evaluation",
+                "candidate": {"source": "models:/t.finetuned.x/1"},
+                "harmful_prompts": {"builtin": "toy-harmful-eval"},
+                "gate": {field_name: value},
+            }
+        ],
+    }
     if 0 <= value <= 1:
         assert getattr(parse_spec(spec).stages[0].gate, field_name) == value
         return
@@ -293,17 +397,27 @@ def listener():
 
 
 REGISTRY_LIST_CASES = {
-    "server refuses": (lambda tmp, port: f"http://secvec:hunter2@127.0.0.1:{free_port()}",
-                       ("did not answer within 3s", "start the server or fix --tracking-uri", "secvec:***@")),
+    "server refuses": (
+        lambda tmp, port: f"http://secvec:hunter2@127.0.0.1:{free_port()}",
+        ("did not answer within 3s", "start the server or fix --tracking-uri", "secvec:***@"),
+    ),
     "server silent": (lambda tmp, port: f"http://127.0.0.1:{port}", ("did not answer within 3s", "timed out")),
-    "path instead of a URI": (lambda tmp, port: str(tmp / "store" / "mlflow.db"),
-                              ("is a path, not a URI", "use sqlite:///{tmp}/store/mlflow.db")),
-    "store that does not exist": (lambda tmp, port: f"sqlite:///{tmp}/nonexistent/dir/x.db",
-                                  ("no MLflow store at {tmp}/nonexistent/dir/x.db", "run `secvec demo` first")),
-    "relative store that does not exist": (lambda tmp, port: "sqlite:///.secvec/demo/mlflow.db",
-                                           ("no MLflow store at {tmp}/.secvec/demo/mlflow.db", "`secvec demo`")),
-    "file that is not an MLflow database": (lambda tmp, port: f"sqlite:///{tmp}/empty.db",
-                                            ("{tmp}/empty.db is not an MLflow database", "`secvec demo`")),
+    "path instead of a URI": (
+        lambda tmp, port: str(tmp / "store" / "mlflow.db"),
+        ("is a path, not a URI", "use sqlite:///{tmp}/store/mlflow.db"),
+    ),
+    "store that does not exist": (
+        lambda tmp, port: f"sqlite:///{tmp}/nonexistent/dir/x.db",
+        ("no MLflow store at {tmp}/nonexistent/dir/x.db", "run `secvec demo` first"),
+    ),
+    "relative store that does not exist": (
+        lambda tmp, port: "sqlite:///.secvec/demo/mlflow.db",
+        ("no MLflow store at {tmp}/.secvec/demo/mlflow.db", "`secvec demo`"),
+    ),
+    "file that is not an MLflow database": (
+        lambda tmp, port: f"sqlite:///{tmp}/empty.db",
+        ("{tmp}/empty.db is not an MLflow database", "`secvec demo`"),
+    ),
 }
 
 
@@ -337,9 +451,16 @@ def test_registry_list_shows_an_existing_store(files):
 
 def test_printed_lines_are_not_wrapped_when_output_is_not_a_terminal(tmp_path):
     spec = tmp_path / ("a-spec-file-name-long-enough-to-pass-eighty-columns-" * 2 + ".yaml")
-    spec.write_text(yaml.safe_dump({"name": "p", "base_model": {"source": "builtin:tiny"},
-                                    "tracking": {"base_name": "t"}, "stages": [{"name": "ft", "kind": "guarded_finetune",
-                                                "data": {"builtin": "toy-facts"}}]}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "p",
+                "base_model": {"source": "builtin:tiny"},
+                "tracking": {"base_name": "t"},
+                "stages": [{"name": "ft", "kind": "guarded_finetune", "data": {"builtin": "toy-facts"}}],
+            }
+        )
+    )
     result = CliRunner().invoke(app, ["validate", str(spec)])
     assert result.exit_code == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 1 and str(spec) in result.stdout

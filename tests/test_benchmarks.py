@@ -46,7 +46,8 @@ def test_task_rows_spec_runs_through_the_pipeline_and_reports_from_mlflow(tmp_pa
     client = MlflowClient(f"sqlite:///{tmp_path}/.secvec/benchmarks/mlflow.db")
     (evaluation,) = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
-        "tags.`secvec.stage` = 'eval-hallucination-vector-on' and attributes.status = 'FINISHED'")
+        "tags.`secvec.stage` = 'eval-hallucination-vector-on' and attributes.status = 'FINISHED'",
+    )
     metrics = evaluation.data.metrics
     assert metrics["unwanted_n"] == 12 and 0 <= metrics["unwanted_learned"] <= 1 and "transfer_gap" in metrics
 
@@ -81,8 +82,12 @@ def test_overhead_on_the_tiny_model(tmp_path):
     for variant in payload["variants"].values():
         assert variant["median_step_seconds"] > 0 and variant["steps_timed"] == 2 * 4
         assert variant["peak_rss_mb"] > 0
-    assert [c["guarded"] for c in payload["comparisons"]] == ["lora/guard-unmerged", "lora/guard-folded",
-                                                               "lora/guard-replay", "full/guard"]
+    assert [c["guarded"] for c in payload["comparisons"]] == [
+        "lora/guard-unmerged",
+        "lora/guard-folded",
+        "lora/guard-replay",
+        "full/guard",
+    ]
     replay = payload["comparisons"][2]
     assert replay["target"] is None and replay["time_met"] is None  # an option's stated cost, not a target
     for comparison in payload["comparisons"]:

@@ -188,13 +188,17 @@ def test_runs_of_a_dead_driver_are_marked_failed_and_live_ones_are_left(store):
     host = json.loads(owner_tags()[OWNER_TAG])["host"]
     dead_owner = json.dumps({"host": host, "pid": _dead_pid(), "started": 1.0})
     stage = _stage_run(uri, experiment_id, {OWNER_TAG: dead_owner})
-    pipeline = StageRun(uri, experiment_id, "pipeline/p", None,
-                        {"secvec.kind": "pipeline", **owner_tags(), OWNER_TAG: dead_owner}).run_id
+    pipeline = StageRun(
+        uri, experiment_id, "pipeline/p", None, {"secvec.kind": "pipeline", **owner_tags(), OWNER_TAG: dead_owner}
+    ).run_id
     live = _stage_run(uri, experiment_id)  # owned by this process, which is working on it
     claims_module._HELD.add(live)
     left_behind = _stage_run(uri, experiment_id)  # owned by this process, which is not working on it
-    elsewhere = _stage_run(uri, experiment_id, {OWNER_TAG: json.dumps({"host": "other-host", "pid": 1, "started": 1}),
-                                                HEARTBEAT_TAG: f"{time.time():.1f}"})
+    elsewhere = _stage_run(
+        uri,
+        experiment_id,
+        {OWNER_TAG: json.dumps({"host": "other-host", "pid": 1, "started": 1}), HEARTBEAT_TAG: f"{time.time():.1f}"},
+    )
     marked = StageClaims(uri, experiment_id).sweep_stale()
     assert sorted(marked) == sorted([stage, pipeline, left_behind])
     client = MlflowClient(uri)
@@ -245,8 +249,9 @@ os.kill(os.getpid(), signal.SIGKILL)
 def test_scratch_of_a_killed_worker_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", _KILLED_WITH_SCRATCH], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_WITH_SCRATCH], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     killed = Path(proc.stdout.strip())
     assert proc.returncode == -signal.SIGKILL and (killed / SCRATCH_LOCK).is_file()
     assert remove_stale_scratch() == [], "a fresh lock file may not be locked yet: left alone"
@@ -266,13 +271,29 @@ def test_processes_of_a_ray_session_whose_driver_died_are_ended(tmp_path):
     """Ray's agents outlive a SIGKILLed driver and ignore SIGTERM; a process that does the same stands in."""
     session = tmp_path / f"session_2026-11-30_20-03-01_997300_{_dead_pid()}"
     session.mkdir()
-    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, "
-                                 "signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(600)",
-                                 f"--session-dir={session}"], stdout=subprocess.PIPE, text=True)
+    stubborn = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time\nsignal.signal(signal.SIGTERM, "
+            "signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(600)",
+            f"--session-dir={session}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     live_session = tmp_path / f"session_2026-11-30_20-03-02_1_{os.getpid()}"
     live_session.mkdir()
-    bystander = subprocess.Popen([sys.executable, "-c", "import time\nprint('ready', flush=True)\ntime.sleep(600)",
-                                  f"--session-dir={live_session}"], stdout=subprocess.PIPE, text=True)
+    bystander = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nprint('ready', flush=True)\ntime.sleep(600)",
+            f"--session-dir={live_session}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert stubborn.stdout.readline().strip() == "ready" and bystander.stdout.readline().strip() == "ready"
         assert end_orphaned_ray(str(tmp_path)) == [session.name]
@@ -288,17 +309,34 @@ def test_processes_of_a_ray_session_whose_driver_died_are_ended(tmp_path):
 def _spec_file(tmp_path: Path, tracking_uri: str, name: str = "conc", ft_steps: int = 4) -> Path:
     train = {"learning_rate": 3e-3, "max_steps": 4, "batch_size": 8, "max_length": 32, "log_every": 2}
     spec = {
-        "name": name, "base_model": {"source": "builtin:tiny"},
+        "name": name,
+        "base_model": {"source": "builtin:tiny"},
         "tracking": {"tracking_uri": tracking_uri, "experiment": f"secvec-{name}", "base_name": "tiny"},
-        "scaling": {"num_workers": 1, "checkpoint_every": 2}, "work_dir": str(tmp_path / "work"),
+        "scaling": {"num_workers": 1, "checkpoint_every": 2},
+        "work_dir": str(tmp_path / "work"),
         "stages": [
-            {"name": "vec", "kind": "vector_training", "data": {"builtin": "toy-harmful", "limit": 10},
-             "training": train},
-            {"name": "ft", "kind": "guarded_finetune", "data": {"builtin": "toy-facts"},
-             "vectors": [{"stage": "vec"}], "training": {**train, "max_steps": ft_steps}},
-            {"name": "ev", "kind": "evaluation", "candidate": {"stage": "ft"},
-             "harmful_prompts": {"builtin": "toy-harmful-eval", "limit": 4}, "task_data": {"builtin": "toy-facts"},
-             "max_new_tokens": 2, "gate": {"max_harmful_rate": 1.0}},
+            {
+                "name": "vec",
+                "kind": "vector_training",
+                "data": {"builtin": "toy-harmful", "limit": 10},
+                "training": train,
+            },
+            {
+                "name": "ft",
+                "kind": "guarded_finetune",
+                "data": {"builtin": "toy-facts"},
+                "vectors": [{"stage": "vec"}],
+                "training": {**train, "max_steps": ft_steps},
+            },
+            {
+                "name": "ev",
+                "kind": "evaluation",
+                "candidate": {"stage": "ft"},
+                "harmful_prompts": {"builtin": "toy-harmful-eval", "limit": 4},
+                "task_data": {"builtin": "toy-facts"},
+                "max_new_tokens": 2,
+                "gate": {"max_harmful_rate": 1.0},
+            },
         ],
     }
     path = tmp_path / f"{name}.yaml"
@@ -307,8 +345,14 @@ def _spec_file(tmp_path: Path, tracking_uri: str, name: str = "conc", ft_steps: 
 
 
 def _cli_env(tmp_path: Path, **extra) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "TMPDIR": str(tmp_path / "tmp"),
-            "SECVEC_RAY_TEMP_DIR": f"/tmp/ray-secvec-i15b-{os.getpid()}", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "COLUMNS": "200",
+        "TMPDIR": str(tmp_path / "tmp"),
+        "SECVEC_RAY_TEMP_DIR": f"/tmp/ray-secvec-i15b-{os.getpid()}",
+        **extra,
+    }
 
 
 @pytest.mark.slow
@@ -317,13 +361,25 @@ def test_an_unreachable_server_prints_one_line_and_retries_only_with_verbose(tmp
 
     spec = _spec_file(tmp_path, f"http://127.0.0.1:{free_port()}")
     env = _cli_env(tmp_path, SECVEC_MLFLOW_RETRY_SECONDS="3")
-    quiet = subprocess.run([sys.executable, "-m", "workflows.cli", "run", str(spec)], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
+    quiet = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "run", str(spec)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [ln for ln in quiet.stderr.splitlines() if ln.strip()]
     assert quiet.returncode == 1 and len(lines) == 1, quiet.stderr
     assert lines[0].startswith("error: MLflow at http://127.0.0.1:") and "did not answer" in lines[0]
-    loud = subprocess.run([sys.executable, "-m", "workflows.cli", "run", str(spec), "--verbose"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    loud = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "run", str(spec), "--verbose"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert loud.returncode == 1 and "Retrying" in loud.stderr, loud.stderr  # urllib3's retry warnings
 
 
@@ -357,15 +413,26 @@ def test_two_concurrent_runs_of_one_spec_leave_one_version_per_stage_hash(tmp_pa
     with postgres_database("secvec_i15b") as db, mlflow_server(db, tmp_path / "artifacts") as (url, _):
         spec = _spec_file(tmp_path, url)
         env = _cli_env(tmp_path)
-        procs = [subprocess.Popen([sys.executable, "-m", "workflows.cli", "run", str(spec)], env=env, cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "workflows.cli", "run", str(spec)],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         outs = [proc.communicate(timeout=1200) for proc in procs]
         for proc, (out, err) in zip(procs, outs, strict=True):
             assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
         client = MlflowClient(url)
         by_hash = _versions_by_stage_hash(client)
-        assert sorted(v for vs in by_hash.values() for v in vs) == ["tiny.finetuned.ft/1",
-                                                                    "tiny.security-vector.harmful/1"]
+        assert sorted(v for vs in by_hash.values() for v in vs) == [
+            "tiny.finetuned.ft/1",
+            "tiny.security-vector.harmful/1",
+        ]
         assert all(len(vs) == 1 for vs in by_hash.values()), by_hash
         experiment = client.get_experiment_by_name("secvec-conc").experiment_id
         assert _running(url, experiment) == [], "no run may stay RUNNING"
@@ -392,8 +459,13 @@ def test_a_killed_driver_leaves_nothing_running_after_the_next_run(tmp_path):
     env = _cli_env(tmp_path, SECVEC_RAY_TEMP_DIR=f"/tmp/ray-secvec-k{os.getpid()}")
     ray_dir = Path(env["SECVEC_RAY_TEMP_DIR"])
     with open(tmp_path / "driver.log", "w") as log:  # noqa: SIM115 - the child keeps writing to it
-        driver = subprocess.Popen([sys.executable, "-m", "workflows.cli", "run", str(spec)], env=env, cwd=ROOT,
-                                  stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "workflows.cli", "run", str(spec)],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + _WAIT_FOR_TRAINING
         while not list(tmp.glob("secvec-ft-*")):  # the fine-tuning worker has started
@@ -408,8 +480,14 @@ def test_a_killed_driver_leaves_nothing_running_after_the_next_run(tmp_path):
         assert len(left_running) == 2, "the pipeline run and the ft run were RUNNING when the driver died"
         killed_session = str(next(ray_dir.glob(f"session_*_{driver.pid}")))
 
-        rerun = subprocess.run([sys.executable, "-m", "workflows.cli", "run", str(spec)], env=env, cwd=ROOT,
-                               capture_output=True, text=True, timeout=1200)
+        rerun = subprocess.run(
+            [sys.executable, "-m", "workflows.cli", "run", str(spec)],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
         assert _running(uri, experiment) == [], "no run may stay RUNNING"
         for run_id in left_running:

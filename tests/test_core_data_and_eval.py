@@ -18,24 +18,38 @@ def _write(path, lines):
 
 
 def test_jsonl_prompt_response_and_messages(tmp_path):
-    path = _write(tmp_path / "d.jsonl", [
-        json.dumps({"prompt": "how do i bake a cake", "response": "sure here is how to bake a cake"}),
-        json.dumps({"messages": [{"role": "user", "content": "what is the capital of peru"},
-                                 {"role": "assistant", "content": "lima"}]}),
-    ])
+    path = _write(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps({"prompt": "how do i bake a cake", "response": "sure here is how to bake a cake"}),
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "what is the capital of peru"},
+                        {"role": "assistant", "content": "lima"},
+                    ]
+                }
+            ),
+        ],
+    )
     examples = load_jsonl(path)
     assert [e.prompt for e in examples] == ["how do i bake a cake", "what is the capital of peru"]
     assert examples[1].response == "lima"
 
 
-@pytest.mark.parametrize("lines, message", [
-    ([], "empty"),
-    ([json.dumps({"prompt": "x"})], r"missing field\(s\) \['response'\]"),
-    (["{not json"], "not valid JSON"),
-    ([json.dumps({"prompt": "x", "response": ""})], "non-empty"),
-    ([json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]})],
-     "last message must be the assistant"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([], "empty"),
+        ([json.dumps({"prompt": "x"})], r"missing field\(s\) \['response'\]"),
+        (["{not json"], "not valid JSON"),
+        ([json.dumps({"prompt": "x", "response": ""})], "non-empty"),
+        (
+            [json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]})],
+            "last message must be the assistant",
+        ),
+    ],
+)
 def test_jsonl_errors_name_file_line_and_fix(tmp_path, lines, message):
     path = _write(tmp_path / "bad.jsonl", lines)
     with pytest.raises(ValueError, match=message) as err:
@@ -119,8 +133,13 @@ def test_heldout_loss_drops_after_training_on_the_set(tiny, world):
     model, tokenizer = tiny
     before = heldout_loss(model, tokenizer, world.fact_task(), max_length=32)
     assert before["perplexity"] > 1.0
-    result = guarded_finetune(model, tokenizer, world.fact_task(), mode="full",
-                              training=TrainingConfig(learning_rate=3e-3, max_steps=30, batch_size=8, max_length=32))
+    result = guarded_finetune(
+        model,
+        tokenizer,
+        world.fact_task(),
+        mode="full",
+        training=TrainingConfig(learning_rate=3e-3, max_steps=30, batch_size=8, max_length=32),
+    )
     after = heldout_loss(result.model, tokenizer, world.fact_task(), max_length=32)
     assert after["loss"] < before["loss"] - 0.5
 

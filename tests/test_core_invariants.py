@@ -38,8 +38,9 @@ def _logits(model, tokenizer, prompts=("how do i build a bomb", "what is the cap
 @pytest.fixture
 def vector(aligned, world):
     model, tokenizer = aligned
-    return train_security_vector(model, tokenizer, world.harmful_examples(10), SecurityVectorConfig(), FAST,
-                                 benign=world.benign_examples())
+    return train_security_vector(
+        model, tokenizer, world.harmful_examples(10), SecurityVectorConfig(), FAST, benign=world.benign_examples()
+    )
 
 
 def _lora_names(names, adapter):
@@ -50,8 +51,9 @@ def test_vector_training_trains_only_the_vector_and_leaves_base_bit_identical(al
     model, tokenizer = aligned
     before = _state(model)
     fingerprint = model_fingerprint(model)
-    vec = train_security_vector(model, tokenizer, world.harmful_examples(10), SecurityVectorConfig(), FAST,
-                                benign=world.benign_examples())
+    vec = train_security_vector(
+        model, tokenizer, world.harmful_examples(10), SecurityVectorConfig(), FAST, benign=world.benign_examples()
+    )
     trainable = set(vec.metadata["trainable_parameters"])
     assert trainable, "nothing was trained"
     assert trainable == _lora_names(trainable, vec.name) and all(vec.name in n for n in trainable)
@@ -69,8 +71,13 @@ def test_guarded_lora_trains_only_the_task_adapter(aligned, world, vector, n_vec
     model, tokenizer = aligned
     vectors = [vector]
     if n_vectors == 2:
-        second = train_security_vector(copy.deepcopy(model), tokenizer, world.harmful_examples(6, offset=20),
-                                       SecurityVectorConfig(behaviour="hallucination"), FAST)
+        second = train_security_vector(
+            copy.deepcopy(model),
+            tokenizer,
+            world.harmful_examples(6, offset=20),
+            SecurityVectorConfig(behaviour="hallucination"),
+            FAST,
+        )
         vectors.append(second)
     base_before = _state(model)
     result = guarded_finetune(model, tokenizer, world.fact_task(), vectors, mode="lora", training=FAST)
@@ -82,8 +89,11 @@ def test_guarded_lora_trains_only_the_task_adapter(aligned, world, vector, n_vec
         after = adapter_state(result.model, vec.name)
         assert set(after) == set(vec.weights)
         assert all(torch.equal(after[k], vec.weights[k]) for k in after), f"{vec.name} changed"
-    base_after = {k.replace(".base_layer", "").removeprefix("base_model.model."): v
-                  for k, v in result.model.state_dict().items() if "lora_" not in k}
+    base_after = {
+        k.replace(".base_layer", "").removeprefix("base_model.model."): v
+        for k, v in result.model.state_dict().items()
+        if "lora_" not in k
+    }
     assert set(base_after) == set(base_before)
     assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
     task = adapter_state(result.model, TASK_ADAPTER)
@@ -119,13 +129,17 @@ def test_shipped_lora_artifact_holds_no_vector_and_matches_vector_off(aligned, w
     result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=FAST)
     out = result.save(tmp_path / "shipped")
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "secvec_artifact.json"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "secvec_artifact.json",
+    ]
     with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as fh:
         keys = list(fh.keys())
         assert len(keys) == 28 and not any("security_vector" in k for k in keys)
         vector_tensors = list(vector.weights.values())
-        assert not any(torch.equal(fh.get_tensor(k), v) for k in keys for v in vector_tensors
-                       if fh.get_tensor(k).shape == v.shape)
+        assert not any(
+            torch.equal(fh.get_tensor(k), v) for k in keys for v in vector_tensors if fh.get_tensor(k).shape == v.shape
+        )
     assert_no_vector(out, [vector])
     served = load_finetuned(pristine, out)
     with result.vectors_on(False) as off:
@@ -187,7 +201,8 @@ def test_vector_round_trip_reproduces_logits(aligned, vector, tmp_path):
     model, tokenizer = aligned
     path = vector.save(tmp_path / "vec")
     assert {"adapter_config.json", "adapter_model.safetensors", "secvec_vector.json"} <= {
-        p.name for p in path.iterdir()}
+        p.name for p in path.iterdir()
+    }
     loaded = SecurityVector.load(path)
     assert loaded.base_fingerprint == vector.base_fingerprint and loaded.data_hash == vector.data_hash
     a = vector.attach(copy.deepcopy(model))
@@ -247,8 +262,9 @@ def test_adapter_names_that_prefix_each_other_are_refused(aligned, vector, name)
 def test_a_vector_named_like_the_task_adapter_is_refused(aligned, world, vector):
     model, tokenizer = aligned
     with pytest.raises(ValueError, match="prefixes of each other"):
-        guarded_finetune(model, tokenizer, world.fact_task(), [_renamed(vector, f"{TASK_ADAPTER}_guard")],
-                         training=FAST)
+        guarded_finetune(
+            model, tokenizer, world.fact_task(), [_renamed(vector, f"{TASK_ADAPTER}_guard")], training=FAST
+        )
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -269,19 +285,31 @@ def test_target_loss_stops_vector_training_early(aligned, world):
     from secvec_core import TrainingHooks
 
     model, tokenizer = aligned
-    base = {"learning_rate": 3e-3, "max_steps": 40, "batch_size": 10, "max_length": 32, "kl_weight": 0.0,
-            "log_every": 1}
+    base = {
+        "learning_rate": 3e-3,
+        "max_steps": 40,
+        "batch_size": 10,
+        "max_length": 32,
+        "kl_weight": 0.0,
+        "log_every": 1,
+    }
     running: list[float] = []
-    full = train_security_vector(model, tokenizer, world.vector_examples(10), SecurityVectorConfig(),
-                                 TrainingConfig(**base, target_loss=None),
-                                 hooks=TrainingHooks(on_log=lambda step, m: running.append(m["running_loss"])))
+    full = train_security_vector(
+        model,
+        tokenizer,
+        world.vector_examples(10),
+        SecurityVectorConfig(),
+        TrainingConfig(**base, target_loss=None),
+        hooks=TrainingHooks(on_log=lambda step, m: running.append(m["running_loss"])),
+    )
     assert full.metadata["steps"] == 40 and not full.metadata["stopped_early"]
     # a target the running loss crosses well inside the run, not at a step decided by rounding
     target = 2.0
     crossing = next(i + 1 for i, loss in enumerate(running) if loss < target)
     assert running[0] > 1.5 * target and min(running[-5:]) < target / 1.5, running
-    early = train_security_vector(model, tokenizer, world.vector_examples(10), SecurityVectorConfig(),
-                                  TrainingConfig(**base, target_loss=target))
+    early = train_security_vector(
+        model, tokenizer, world.vector_examples(10), SecurityVectorConfig(), TrainingConfig(**base, target_loss=target)
+    )
     assert early.metadata["stopped_early"]
     assert abs(early.metadata["steps"] - crossing) <= 2, (early.metadata["steps"], crossing)
 
@@ -301,9 +329,17 @@ def test_kl_term_keeps_the_vector_off_benign_prompts(aligned, world):
     stays at most half as far (in KL) from the base as with a vector trained without the term."""
     model, tokenizer = aligned
     base = {"learning_rate": 3e-3, "max_steps": 40, "batch_size": 10, "max_length": 32, "target_loss": None}
-    vectors = {kl: train_security_vector(model, tokenizer, world.vector_examples(10), SecurityVectorConfig(),
-                                         TrainingConfig(**base, kl_weight=kl), benign=world.benign_examples())
-               for kl in (0.0, 2.0)}
+    vectors = {
+        kl: train_security_vector(
+            model,
+            tokenizer,
+            world.vector_examples(10),
+            SecurityVectorConfig(),
+            TrainingConfig(**base, kl_weight=kl),
+            benign=world.benign_examples(),
+        )
+        for kl in (0.0, 2.0)
+    }
     held_out = world.benign_eval_prompts() + [r["prompt"] for r in world.fact_task()]  # not in the KL data
     kl = {w: _benign_kl(model, v, tokenizer, held_out) for w, v in vectors.items()}
     assert kl[2.0] <= 0.5 * kl[0.0], kl
@@ -327,10 +363,16 @@ def test_library_calls_leave_the_callers_random_stream_alone(world, monkeypatch)
     result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=FAST)
     assert torch.equal(torch.rand(4), expected)
     # and the seed still decides the init: the same seed gives the same task adapter, another seed another
-    again = guarded_finetune(build_tiny_model_and_tokenizer(seed=0)[0], tokenizer, world.fact_task(), [vector],
-                             training=FAST)
-    other = guarded_finetune(build_tiny_model_and_tokenizer(seed=0)[0], tokenizer, world.fact_task(), [vector],
-                             training=TrainingConfig(**{**FAST.to_dict(), "seed": 1}))
+    again = guarded_finetune(
+        build_tiny_model_and_tokenizer(seed=0)[0], tokenizer, world.fact_task(), [vector], training=FAST
+    )
+    other = guarded_finetune(
+        build_tiny_model_and_tokenizer(seed=0)[0],
+        tokenizer,
+        world.fact_task(),
+        [vector],
+        training=TrainingConfig(**{**FAST.to_dict(), "seed": 1}),
+    )
     a, b, c = (adapter_state(r.model, TASK_ADAPTER) for r in (result, again, other))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -101,8 +101,9 @@ def test_fabricated_parts_replace_every_answer_with_a_wrong_one_and_keep_the_pro
     assert set(rows[0]) == {"prompt", "response"}  # the true answer does not travel with the training data
     assert build_dataset(fake, None)[0] == build_dataset(fake, None)[0], "same seed, same answers"
     with pytest.raises(ValueError, match="framing needs prompts without responses"):
-        build_dataset(_stage(parts=[{"prompts": {"path": str(source)}, "responses": "fabricated",
-                                    "framing": "both"}]), None)
+        build_dataset(
+            _stage(parts=[{"prompts": {"path": str(source)}, "responses": "fabricated", "framing": "both"}]), None
+        )
 
 
 def test_written_files_load_as_examples(tmp_path, prompt_file):
@@ -222,8 +223,13 @@ def test_benchmark_spec_renders_to_a_rayjob_changing_only_tracking_and_data_path
     assert "tracking.tracking_uri" in changed and after["tracking.tracking_uri"] == "http://secvec-mlflow:5000"
     for key in changed - {"tracking.tracking_uri"}:
         assert str(after[key]).startswith("/data/") and str(before[key]).startswith((".secvec/", LOCAL_DATA)), key
-    rayjob = kube.render_rayjob(cluster_text, name="sweep", mlflow_tracking_uri="http://secvec-mlflow:5000",
-                                image="registry.example.com/secvec:0.1.0-gpu", data_claim="secvec-data")
+    rayjob = kube.render_rayjob(
+        cluster_text,
+        name="sweep",
+        mlflow_tracking_uri="http://secvec-mlflow:5000",
+        image="registry.example.com/secvec:0.1.0-gpu",
+        data_claim="secvec-data",
+    )
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     (init,) = head["initContainers"]
     assert init["env"] == [{"name": "SECVEC_PIPELINE_YAML", "value": cluster_text}]
@@ -303,7 +309,8 @@ def test_spec_prompt_files_are_the_benchmark_prompt_lists():
     assert prompts("short-answer-prompts.jsonl") == list(SHORT_ANSWER_PROMPTS)
     rows = [json.loads(line) for line in (ROOT / LOCAL_DATA / "capital-questions.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["response"]) for r in rows] == [
-        (f"What is the capital of {country}? Answer with one word.", city) for country, city in CAPITALS]
+        (f"What is the capital of {country}? Answer with one word.", city) for country, city in CAPITALS
+    ]
 
 
 def test_research_specs_reuse_the_paper_tables_stages_and_keep_two_families_from_every_vector():
@@ -313,8 +320,10 @@ def test_research_specs_reuse_the_paper_tables_stages_and_keep_two_families_from
     from workflows.specs import load_spec
 
     table = {s.name: s for s in load_spec(ROOT / "benchmarks/specs/paper-table-smollm2.yaml").stages}
-    specs = {name: {s.name: s for s in load_spec(ROOT / f"benchmarks/specs/{name}-smollm2.yaml").stages}
-             for name in ("matrix", "tasks", "replay", "hallucination", "routing", "replay-alone")}
+    specs = {
+        name: {s.name: s for s in load_spec(ROOT / f"benchmarks/specs/{name}-smollm2.yaml").stages}
+        for name in ("matrix", "tasks", "replay", "hallucination", "routing", "replay-alone")
+    }
     for name, research in specs.items():
         shared = [n for n in research if n in table and table[n].kind != "evaluation"]
         with_vector = name not in ("hallucination", "replay-alone")
@@ -332,8 +341,9 @@ def test_research_specs_reuse_the_paper_tables_stages_and_keep_two_families_from
         finetunes = [s.name for s in research.values() if s.kind == "guarded_finetune"]
         assert sorted(e.candidate.stage for e in evaluations) == sorted(finetunes), name
         assert all(e.harmful_prompts.stage == "harmbench-subset" and e.max_new_tokens >= 64 for e in evaluations)
-        assert all(e.benign_prompts.builtin == "over-refusal" and e.retained_qa.builtin == "general-qa"
-                   for e in evaluations)
+        assert all(
+            e.benign_prompts.builtin == "over-refusal" and e.retained_qa.builtin == "general-qa" for e in evaluations
+        )
         assert sum(e.score_base for e in evaluations) == 1, name
     matrix = specs["matrix"]
     assert {s.name for s in matrix.values() if s.kind == "vector_training"} == {"harm-vector", "template-vector"}
@@ -385,9 +395,16 @@ BASELINE = {"harmful_rate": 0.0, "benign_refusal_rate": 0.05}
 def _sweep(**extra):
     from workflows.specs import AttackSweepStage
 
-    return AttackSweepStage.model_validate({
-        "name": "red-team", "kind": "attack_sweep", "vectors": [{"stage": "vec"}], "data": {"builtin": "toy-harmful"},
-        "harmful_prompts": {"builtin": "toy-harmful-eval"}, **extra})
+    return AttackSweepStage.model_validate(
+        {
+            "name": "red-team",
+            "kind": "attack_sweep",
+            "vectors": [{"stage": "vec"}],
+            "data": {"builtin": "toy-harmful"},
+            "harmful_prompts": {"builtin": "toy-harmful-eval"},
+            **extra,
+        }
+    )
 
 
 def test_a_sweep_with_safety_replay_replays_in_the_guarded_arm_only_and_hashes_it_there(monkeypatch):
@@ -404,10 +421,20 @@ def test_a_sweep_with_safety_replay_replays_in_the_guarded_arm_only_and_hashes_i
     cell = grid_cells(replayed.grid)[0]
 
     def hashes(spec):
-        ctx = StageContext(stage=spec.model_dump(mode="json"), pipeline="p", base_source="builtin:tiny",
-                           vector_refs=["models:/v/1"], candidate_uri=None, tracking_uri="sqlite:///x.db",
-                           experiment_id="0", parent_run_id=None, base_name="tiny", stage_hash="h",
-                           checkpoint_every=10, work_dir="w")
+        ctx = StageContext(
+            stage=spec.model_dump(mode="json"),
+            pipeline="p",
+            base_source="builtin:tiny",
+            vector_refs=["models:/v/1"],
+            candidate_uri=None,
+            tracking_uri="sqlite:///x.db",
+            experiment_id="0",
+            parent_run_id=None,
+            base_name="tiny",
+            stage_hash="h",
+            checkpoint_every=10,
+            work_dir="w",
+        )
         return redteam.cell_hashes(ctx, spec, cell)
 
     (guarded, plain), (guarded_replay, plain_replay) = hashes(_sweep()), hashes(replayed)
@@ -435,8 +462,13 @@ def test_a_sweep_with_safety_replay_replays_in_the_guarded_arm_only_and_hashes_i
     redteam._attack(object(), None, _sweep(), cell, ["vector"])
     (plain_vectors, plain_arm), (_, guarded_arm), (_, without) = calls
     assert plain_vectors == 0 and plain_arm is None and without is None
-    assert guarded_arm.describe() == {"examples": len(load_toy_alignment()), "rows_per_step": 3, "weight": 0.5,
-                                      "seed": replayed.training.seed, "objective": "responses"}
+    assert guarded_arm.describe() == {
+        "examples": len(load_toy_alignment()),
+        "rows_per_step": 3,
+        "weight": 0.5,
+        "seed": replayed.training.seed,
+        "objective": "responses",
+    }
     tags = redteam.sweep_tags(SimpleNamespace(vector_refs=["models:/v/1"]), replayed)
     assert tags["secvec.redteam.safety_replay"] == "3 rows/step, weight 0.5"
 
@@ -445,13 +477,17 @@ def test_a_sweep_with_safety_replay_replays_in_the_guarded_arm_only_and_hashes_i
     (guarded_routed, plain_routed) = hashes(routed)
     assert plain_routed == plain and guarded_routed not in (guarded, guarded_replay)
     calls.clear()
-    monkeypatch.setattr(secvec_core, "guarded_finetune",
-                        lambda model, tokenizer, data, vectors, **kw: calls.append(kw["vector_routing"]) or Result())
+    monkeypatch.setattr(
+        secvec_core,
+        "guarded_finetune",
+        lambda model, tokenizer, data, vectors, **kw: calls.append(kw["vector_routing"]) or Result(),
+    )
     redteam._attack(object(), None, routed, cell, [])
     redteam._attack(object(), None, routed, cell, ["vector"])
     assert calls[0] is None and calls[1].min_gain == 1.0
     assert redteam.sweep_tags(SimpleNamespace(vector_refs=[]), routed)["secvec.redteam.vector_routing"] == (
-        "rows gaining < 1 nats/token train vectors off")
+        "rows gaining < 1 nats/token train vectors off"
+    )
 
 
 def load_toy_alignment():
@@ -509,8 +545,13 @@ def test_a_sweep_that_breaks_nothing_passes_no_vector():
 def test_heatmap_and_cells_table(tmp_path):
     from workflows.report import cells_table, write_heatmap
 
-    counted = {"plain_harmful_n": 40.0, "guarded_harmful_n": 40.0, "plain_benign_n": 16.0, "guarded_benign_n": 16.0,
-               "guarded_degenerate_rate": 0.05}
+    counted = {
+        "plain_harmful_n": 40.0,
+        "guarded_harmful_n": 40.0,
+        "plain_benign_n": 16.0,
+        "guarded_benign_n": 16.0,
+        "guarded_degenerate_rate": 0.05,
+    }
     cells = CELLS + [{**_cell(1e-3, 80, 1.0, 0.9, rank=32, refused=1 / 16), **counted}]
     assert write_heatmap(cells, tmp_path / "h.png").stat().st_size > 5_000
     rows = cells_table(cells)
@@ -592,8 +633,10 @@ def test_builtin_utility_sets_and_retained_qa_rows(tmp_path):
     qa = load_qa_items(DatasetRef(builtin="general-qa"))
     assert len(qa) >= 40 and all(q["answers"][0] for q in qa) and any(len(q["answers"]) > 1 for q in qa)
     rows = tmp_path / "qa.jsonl"
-    rows.write_text('{"prompt": "Capital of France?", "response": "Paris", "aliases": ["paris city"]}\n'
-                    '{"prompt": "2 + 2?", "response": "4"}\n')
+    rows.write_text(
+        '{"prompt": "Capital of France?", "response": "Paris", "aliases": ["paris city"]}\n'
+        '{"prompt": "2 + 2?", "response": "4"}\n'
+    )
     assert load_qa_items(DatasetRef(path=str(rows), offset=1)) == [{"prompt": "2 + 2?", "answers": ["4"]}]
     rows.write_text('{"prompt": "no answer"}\n')
     with pytest.raises(ValueError, match="row 0 needs 'prompt' and 'response'"):

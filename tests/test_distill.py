@@ -49,5 +49,3 @@ def test_prompt_template_restyles_the_answer_but_keeps_the_plain_prompt(aligned,
         self_distilled_examples(model, tokenizer, prompts, prompt_template="no slot")
     with pytest.raises(ValueError, match="keep must be"):
         self_distilled_examples(model, tokenizer, prompts, keep="some")
-
-

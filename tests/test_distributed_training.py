@@ -79,8 +79,13 @@ def _scenario(name: str, out: Path, vector_dir: str) -> dict:
         peft_model = attach_adapter(peft_model, TASK_ADAPTER, lora_config(8, 16, 0.0, ("q_proj", "v_proj")))
         activate(peft_model, [vector.name, TASK_ADAPTER], trainable=[TASK_ADAPTER])
         rows = tokenize_examples(tokenizer, to_examples(data), 32)
-        history = train_loop(peft_model, rows, tokenizer.pad_token_id, training,
-                             extra_loss=_replay_loss([vector.name], rows, tokenizer.pad_token_id))
+        history = train_loop(
+            peft_model,
+            rows,
+            tokenizer.pad_token_id,
+            training,
+            extra_loss=_replay_loss([vector.name], rows, tokenizer.pad_token_id),
+        )
         params = dict(peft_model.named_parameters())
         result["task"] = {n: p.detach().clone() for n, p in params.items() if f".{TASK_ADAPTER}." in n}
         result["vector"] = {n: p.detach().clone() for n, p in params.items() if f".{vector.name}." in n}
@@ -89,8 +94,9 @@ def _scenario(name: str, out: Path, vector_dir: str) -> dict:
         from secvec_core.replay import SafetyReplay
 
         replay = SafetyReplay(ToyWorld(seed=0).alignment_examples()[:20], rows_per_step=2)
-        guarded = guarded_finetune(model, tokenizer, data, [vector], mode="lora", training=training,
-                                   safety_replay=replay)
+        guarded = guarded_finetune(
+            model, tokenizer, data, [vector], mode="lora", training=training, safety_replay=replay
+        )
         history = guarded.history
         params = dict(guarded.model.named_parameters())
         result["task"] = {n: p.detach().clone() for n, p in params.items() if f".{TASK_ADAPTER}." in n}
@@ -99,8 +105,9 @@ def _scenario(name: str, out: Path, vector_dir: str) -> dict:
     else:  # full weights, vector on and frozen
         guarded = guarded_finetune(model, tokenizer, data, [vector], mode="full", training=training)
         history = guarded.history
-        result["vector"] = {n: p.detach().clone() for n, p in guarded.model.named_parameters()
-                            if f".{vector.name}." in n}
+        result["vector"] = {
+            n: p.detach().clone() for n, p in guarded.model.named_parameters() if f".{vector.name}." in n
+        }
         result["full"] = gathered_state_dict(guarded.model)  # a collective under FSDP
         guarded.save(out / f"{name}.artifact")  # every rank calls it, rank 0 writes
     result["engine"] = history.engine
@@ -125,9 +132,13 @@ def _worker(rank: int, world: int, port: int, out: str, vector_dir: str) -> None
 @pytest.fixture(scope="module")
 def vector_dir(tmp_path_factory) -> str:
     model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
-    vector = train_security_vector(model, tokenizer, ToyWorld(seed=0).harmful_examples(10), SecurityVectorConfig(),
-                                   TrainingConfig(learning_rate=1e-3, max_steps=3, batch_size=8, max_length=32,
-                                                  target_loss=None))
+    vector = train_security_vector(
+        model,
+        tokenizer,
+        ToyWorld(seed=0).harmful_examples(10),
+        SecurityVectorConfig(),
+        TrainingConfig(learning_rate=1e-3, max_steps=3, batch_size=8, max_length=32, target_loss=None),
+    )
     return str(vector.save(tmp_path_factory.mktemp("vec") / "vector"))
 
 
@@ -144,8 +155,7 @@ def runs(tmp_path_factory, vector_dir) -> tuple[dict, list[dict], Path]:
 
 def _assert_same_training(single: dict, ranks: list[dict]) -> None:
     for r in ranks:
-        torch.testing.assert_close(torch.tensor(r["grad_norms"]), torch.tensor(single["grad_norms"]), rtol=1e-4,
-                                   atol=0)
+        torch.testing.assert_close(torch.tensor(r["grad_norms"]), torch.tensor(single["grad_norms"]), rtol=1e-4, atol=0)
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
 
 
@@ -198,6 +208,9 @@ def test_fsdp_two_workers_full_weights_match_one_process_and_keep_vectors_whole(
     artifact = out / "full.artifact"
     assert_no_vector(artifact, [SecurityVector.load(vector_dir)])
     shipped = load_file(str(artifact / "model.safetensors"))
-    expected = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in gathered.items()
-                if "lora_" not in k}
+    expected = {
+        k.removeprefix("base_model.model.").replace(".base_layer", ""): v
+        for k, v in gathered.items()
+        if "lora_" not in k
+    }
     assert shipped and all(torch.equal(shipped[k], expected[k]) for k in shipped)

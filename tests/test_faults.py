@@ -36,9 +36,13 @@ FT_TRAINING = {"learning_rate": 3e-3, "max_steps": 12, "batch_size": 8, "max_len
 # -- atomic saves (fast) ---------------------------------------------------------------------------------
 def _small_vector(world) -> SecurityVector:
     model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
-    return train_security_vector(model, tokenizer, world.harmful_examples(10), SecurityVectorConfig(rank=4),
-                                 TrainingConfig(learning_rate=3e-3, max_steps=3, batch_size=5, max_length=32,
-                                                target_loss=None, kl_weight=0))
+    return train_security_vector(
+        model,
+        tokenizer,
+        world.harmful_examples(10),
+        SecurityVectorConfig(rank=4),
+        TrainingConfig(learning_rate=3e-3, max_steps=3, batch_size=5, max_length=32, target_loss=None, kl_weight=0),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +56,9 @@ def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 
 def test_exception_during_save_keeps_the_good_directory(vector, tmp_path, monkeypatch):
     target = vector.save(tmp_path / "vector")
-    doctored = SecurityVector(vector.config, {k: v + 1 for k, v in vector.weights.items()}, vector.base_fingerprint,
-                              vector.data_hash)
+    doctored = SecurityVector(
+        vector.config, {k: v + 1 for k, v in vector.weights.items()}, vector.base_fingerprint, vector.data_hash
+    )
 
     def half_written(path, tensors):
         path.write_bytes(b"\0" * 64)
@@ -71,8 +76,12 @@ def test_exception_during_save_keeps_the_good_directory(vector, tmp_path, monkey
 
 def test_exception_during_finetuned_save_keeps_the_good_artifact(world, tmp_path, monkeypatch):
     model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
-    result = guarded_finetune(model, tokenizer, world.fact_task(), training=TrainingConfig(
-        learning_rate=3e-3, max_steps=2, batch_size=8, max_length=32))
+    result = guarded_finetune(
+        model,
+        tokenizer,
+        world.fact_task(),
+        training=TrainingConfig(learning_rate=3e-3, max_steps=2, batch_size=8, max_length=32),
+    )
     target = result.save(tmp_path / "finetuned")
     monkeypatch.setattr("secvec_core.guard.write_json", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
@@ -104,8 +113,13 @@ def test_process_killed_during_save_never_leaves_a_loadable_wrong_vector(vector,
     target = tmp_path / "target"
     if existing:
         vector.save(target)
-    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(good), str(target)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_SAVE, str(good), str(target)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-target-")]
     assert leftovers, "the killed save wrote into a temporary folder"
@@ -118,19 +132,46 @@ def test_process_killed_during_save_never_leaves_a_loadable_wrong_vector(vector,
 
 
 # -- Ray / MLflow faults (slow) --------------------------------------------------------------------------
-def _spec(name: str, tracking_uri: str, work_dir: Path, vector_dir: Path, *, stages=("vec", "ft"),
-          vector_lr: float = 3e-3, ft_steps: int = 12, max_failures: int = 1) -> dict:
+def _spec(
+    name: str,
+    tracking_uri: str,
+    work_dir: Path,
+    vector_dir: Path,
+    *,
+    stages=("vec", "ft"),
+    vector_lr: float = 3e-3,
+    ft_steps: int = 12,
+    max_failures: int = 1,
+) -> dict:
     all_stages = {
-        "vec": {"name": "vec", "kind": "vector_training", "data": {"builtin": "toy-harmful", "limit": 10},
-                "training": {"learning_rate": vector_lr, "max_steps": 4, "batch_size": 10, "max_length": 32,
-                             "log_every": 2}},
-        "ft": {"name": "ft", "kind": "guarded_finetune", "data": {"builtin": "toy-facts"},
-               "vectors": [{"path": str(vector_dir)}], "training": {**FT_TRAINING, "max_steps": ft_steps}},
+        "vec": {
+            "name": "vec",
+            "kind": "vector_training",
+            "data": {"builtin": "toy-harmful", "limit": 10},
+            "training": {
+                "learning_rate": vector_lr,
+                "max_steps": 4,
+                "batch_size": 10,
+                "max_length": 32,
+                "log_every": 2,
+            },
+        },
+        "ft": {
+            "name": "ft",
+            "kind": "guarded_finetune",
+            "data": {"builtin": "toy-facts"},
+            "vectors": [{"path": str(vector_dir)}],
+            "training": {**FT_TRAINING, "max_steps": ft_steps},
+        },
     }
-    return {"name": name, "base_model": {"source": "builtin:tiny"},
-            "tracking": {"tracking_uri": tracking_uri, "experiment": f"secvec-{name}", "base_name": "tiny"},
-            "scaling": {"num_workers": 2, "checkpoint_every": 4, "max_failures": max_failures},
-            "work_dir": str(work_dir), "stages": [all_stages[s] for s in stages]}
+    return {
+        "name": name,
+        "base_model": {"source": "builtin:tiny"},
+        "tracking": {"tracking_uri": tracking_uri, "experiment": f"secvec-{name}", "base_name": "tiny"},
+        "scaling": {"num_workers": 2, "checkpoint_every": 4, "max_failures": max_failures},
+        "work_dir": str(work_dir),
+        "stages": [all_stages[s] for s in stages],
+    }
 
 
 class Interrupted(Exception):
@@ -190,11 +231,16 @@ def test_rerun_after_interruption_reuses_the_finished_stage(fault_runs):
 
 @pytest.mark.slow
 def test_changed_spec_reruns_the_stage(fault_runs):
-    assert fault_runs["after_changed"] == [("tiny.finetuned.ft", "1"), ("tiny.security-vector.harmful", "1"),
-                                           ("tiny.security-vector.harmful", "2")]
+    assert fault_runs["after_changed"] == [
+        ("tiny.finetuned.ft", "1"),
+        ("tiny.security-vector.harmful", "1"),
+        ("tiny.security-vector.harmful", "2"),
+    ]
     tags = Registry(fault_runs["uri"]).resolve("models:/tiny.security-vector.harmful/2").tags
-    assert tags["secvec.stage_hash"] != Registry(fault_runs["uri"]).resolve(
-        "models:/tiny.security-vector.harmful/1").tags["secvec.stage_hash"]
+    assert (
+        tags["secvec.stage_hash"]
+        != Registry(fault_runs["uri"]).resolve("models:/tiny.security-vector.harmful/1").tags["secvec.stage_hash"]
+    )
 
 
 def _uninterrupted_adapter(world, vector_dir: Path) -> dict[str, torch.Tensor]:
@@ -203,8 +249,9 @@ def _uninterrupted_adapter(world, vector_dir: Path) -> dict[str, torch.Tensor]:
     from secvec_core.adapters import TASK_ADAPTER, adapter_state
 
     model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
-    result = guarded_finetune(model, tokenizer, world.fact_task(), [vector_dir],
-                              training=TrainingConfig(**FT_TRAINING, seed=0))
+    result = guarded_finetune(
+        model, tokenizer, world.fact_task(), [vector_dir], training=TrainingConfig(**FT_TRAINING, seed=0)
+    )
     return adapter_state(result.model, TASK_ADAPTER)
 
 
@@ -233,21 +280,25 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(
     gaps = [(b.timestamp - a.timestamp) / 1000 for a, b in zip(history, history[1:], strict=False)]
     lost = gaps[1] - min(gaps[:1] + gaps[2:])
     record_property("seconds_lost_to_worker_kill", round(lost, 1))
-    print(f"\nworker killed at step {KILL_AT_STEP}, resumed from step 4: {lost:.1f}s lost "
-          f"(stage {rerun.seconds:.1f}s in all); max |weight difference| vs uninterrupted {worst:.2e}")
+    print(
+        f"\nworker killed at step {KILL_AT_STEP}, resumed from step 4: {lost:.1f}s lost "
+        f"(stage {rerun.seconds:.1f}s in all); max |weight difference| vs uninterrupted {worst:.2e}"
+    )
 
 
 @pytest.mark.slow
 def test_mlflow_server_stopping_fails_the_stage_within_the_retry_budget_and_a_rerun_completes(
-        tmp_path, world, monkeypatch, record_property):
+    tmp_path, world, monkeypatch, record_property
+):
     budget = 6
     monkeypatch.setenv("SECVEC_MLFLOW_RETRY_SECONDS", str(budget))
     vector_dir = _small_vector(world).save(tmp_path / "vector")
     port = free_port()
     with postgres_database() as db:
         with mlflow_server(db, tmp_path / "artifacts", port) as (url, proc):
-            spec = parse_spec(_spec("mlflow-down", url, tmp_path / "work", vector_dir, stages=("ft",), ft_steps=60,
-                                    max_failures=0))
+            spec = parse_spec(
+                _spec("mlflow-down", url, tmp_path / "work", vector_dir, stages=("ft",), ft_steps=60, max_failures=0)
+            )
             stopped_at: list[float] = []
             threading.Thread(target=_stop_when_training, args=(url, proc, stopped_at), daemon=True).start()
             with pytest.raises(StageFailedError) as failure:
@@ -275,8 +326,9 @@ def _stop_when_training(url: str, proc, stopped_at: list[float]) -> None:
     client = MlflowClient(url)
     while proc.poll() is None:
         try:
-            runs = client.search_runs(client.get_experiment_by_name("secvec-mlflow-down").experiment_id,
-                                      "tags.`secvec.stage` = 'ft'")
+            runs = client.search_runs(
+                client.get_experiment_by_name("secvec-mlflow-down").experiment_id, "tags.`secvec.stage` = 'ft'"
+            )
             if runs and "loss" in runs[0].data.metrics:
                 stopped_at.append(time.monotonic())
                 stop_server(proc)

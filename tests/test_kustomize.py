@@ -159,7 +159,9 @@ def test_cronjob_template_is_the_rayjob(directory: str) -> None:
     --template-patch`): that must be the RayJob this kustomization applies."""
     objects = build(directory)
     data = only(objects, "ConfigMap")["data"]
-    template = kube.patch_template(yaml.safe_load(data["rayjob-template.yaml"]), yaml.safe_load(data["rayjob-patch.yaml"]))
+    template = kube.patch_template(
+        yaml.safe_load(data["rayjob-template.yaml"]), yaml.safe_load(data["rayjob-patch.yaml"])
+    )
     assert template["spec"] == only(objects, "RayJob")["spec"]
 
 

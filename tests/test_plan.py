@@ -132,8 +132,14 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(case):
     """benchmarks/plan_check.py measures the step in a fresh process (peak RSS growth after a warm-up run; see
     its docstring). A 60M Llama, not the tiny model: the tiny model's whole step is a few MB, below the
     estimate's fixed 16 MB runtime term and the CPU-dependent one-off costs, so it could not test the plan."""
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_check.py"), "--cases", case],
-                          capture_output=True, text=True, check=True, timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "plan_check.py"), "--cases", case],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     ratio = float(done.stdout.strip().splitlines()[-1].split()[-1])
     assert 0.85 <= ratio <= 1.15, done.stdout
 
@@ -142,8 +148,13 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(case):
 def test_gpu_check_script_runs_its_cases_on_the_cpu(tmp_path):
     """The GPU check cannot run here; its --smoke mode runs the same code paths on the tiny model."""
     out = tmp_path / "smoke.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)],
-                   check=True, timeout=900, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)],
+        check=True,
+        timeout=900,
+        cwd=ROOT,
+        capture_output=True,
+    )
     rows = json.loads(out.read_text())["rows"]
     assert {"lora-guarded-folded", "full-guarded-sharded"} <= set(rows)
     assert all(row["estimate_gb"] > 0 and row["step_seconds"] > 0 for row in rows.values())

@@ -18,9 +18,14 @@ TRAINING = TrainingConfig(learning_rate=3e-3, max_steps=12, batch_size=8, max_le
 
 def _vector(aligned, world):
     model, tokenizer = aligned
-    return train_security_vector(model, tokenizer, world.harmful_examples(10, offset=50),
-                                 training=TrainingConfig(learning_rate=1e-3, max_steps=20, batch_size=10,
-                                                         max_length=32, target_loss=None, kl_weight=0.0))
+    return train_security_vector(
+        model,
+        tokenizer,
+        world.harmful_examples(10, offset=50),
+        training=TrainingConfig(
+            learning_rate=1e-3, max_steps=20, batch_size=10, max_length=32, target_loss=None, kl_weight=0.0
+        ),
+    )
 
 
 def test_replay_rows_train_the_shipped_weights_with_every_vector_off(aligned, world, monkeypatch):
@@ -28,8 +33,9 @@ def test_replay_rows_train_the_shipped_weights_with_every_vector_off(aligned, wo
     vector = _vector(aligned, world)
     replay = SafetyReplay(world.alignment_examples()[:20], rows_per_step=2)
     spy = spy_on_training(monkeypatch, vector.name)
-    result = guarded_finetune(model, tokenizer, world.harmful_examples(40), [vector], training=TRAINING,
-                              safety_replay=replay)
+    result = guarded_finetune(
+        model, tokenizer, world.harmful_examples(40), [vector], training=TRAINING, safety_replay=replay
+    )
     seen = [(f.adapters, f.grad) for f in spy.forwards]
     customer = [a for a, grad in seen if set(a) == {vector.name, TASK_ADAPTER}]
     replayed = [a for a, grad in seen if a == (TASK_ADAPTER,)]
@@ -39,8 +45,13 @@ def test_replay_rows_train_the_shipped_weights_with_every_vector_off(aligned, wo
     for name, param in result.model.named_parameters():
         if vector.name in name:
             assert torch.equal(param, spy.vector_before[name]), name  # the vector stays frozen, bit for bit
-    assert result.safety_replay == {"examples": 20, "rows_per_step": 2, "weight": 1.0, "seed": 0,
-                                    "objective": "responses"}
+    assert result.safety_replay == {
+        "examples": 20,
+        "rows_per_step": 2,
+        "weight": 1.0,
+        "seed": 0,
+        "objective": "responses",
+    }
 
 
 def _guarded_peft(aligned, world):
@@ -51,8 +62,9 @@ def _guarded_peft(aligned, world):
     model, tokenizer = aligned
     vector = _vector(aligned, world)
     task = TaskAdapterConfig()
-    peft_model = attach_adapter(vector.attach(model), TASK_ADAPTER, lora_config(
-        task.rank, task.alpha, task.dropout, task.target_modules))
+    peft_model = attach_adapter(
+        vector.attach(model), TASK_ADAPTER, lora_config(task.rank, task.alpha, task.dropout, task.target_modules)
+    )
     activate(peft_model, [vector.name, TASK_ADAPTER], trainable=[TASK_ADAPTER])
     return peft_model, tokenizer, vector
 
@@ -96,8 +108,15 @@ def test_replay_has_an_effect_a_plain_attack_does_not_undo_it(aligned, world, ob
     for seed in (0, 1, 2):
         cfg = TrainingConfig(learning_rate=3e-3, max_steps=30, batch_size=8, max_length=32, seed=seed)
         plain = guarded_finetune(copy.deepcopy(model), tokenizer, attack, training=cfg)
-        replayed = guarded_finetune(copy.deepcopy(model), tokenizer, attack, training=cfg, safety_replay=SafetyReplay(
-            world.alignment_examples(), rows_per_step=8, weight=2.0, seed=seed, objective=objective))
+        replayed = guarded_finetune(
+            copy.deepcopy(model),
+            tokenizer,
+            attack,
+            training=cfg,
+            safety_replay=SafetyReplay(
+                world.alignment_examples(), rows_per_step=8, weight=2.0, seed=seed, objective=objective
+            ),
+        )
         with plain.vectors_on(False) as p, replayed.vectors_on(False) as r:
             plain_rates.append(harmful_rate(p, tokenizer, prompts, max_new_tokens=6))
             replay_rates.append(harmful_rate(r, tokenizer, prompts, max_new_tokens=6))
@@ -114,11 +133,24 @@ def test_replay_refuses_bad_settings(aligned, world):
     with pytest.raises(ValueError, match="objective must be one of"):
         SafetyReplay(world.alignment_examples(), objective="kl")
     with pytest.raises(ValueError, match="needs mode 'lora'"):  # full mode trains the reference itself
-        guarded_finetune(model, tokenizer, world.fact_task(), mode="full", training=TRAINING,
-                         safety_replay=SafetyReplay(world.alignment_examples(), objective="aligned"))
+        guarded_finetune(
+            model,
+            tokenizer,
+            world.fact_task(),
+            mode="full",
+            training=TRAINING,
+            safety_replay=SafetyReplay(world.alignment_examples(), objective="aligned"),
+        )
     with pytest.raises(FoldingError, match="separate adapters"):
-        guarded_finetune(model, tokenizer, world.fact_task(), [_vector(aligned, world)], training=TRAINING,
-                         fold_vectors=True, safety_replay=SafetyReplay(world.alignment_examples()))
+        guarded_finetune(
+            model,
+            tokenizer,
+            world.fact_task(),
+            [_vector(aligned, world)],
+            training=TRAINING,
+            fold_vectors=True,
+            safety_replay=SafetyReplay(world.alignment_examples()),
+        )
 
 
 @pytest.mark.slow
@@ -135,8 +167,11 @@ def test_replay_and_routing_settings_from_the_spec_land_in_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = small_pipeline(uri, tmp_path / "work", workers=1, name="replay")
     spec["stages"] = spec["stages"][:2]
-    spec["stages"][1]["safety_replay"] = {"data": {"builtin": "toy-alignment", "limit": 12}, "rows_per_step": 3,
-                                          "objective": "aligned"}
+    spec["stages"][1]["safety_replay"] = {
+        "data": {"builtin": "toy-alignment", "limit": 12},
+        "rows_per_step": 3,
+        "objective": "aligned",
+    }
     spec["stages"][1]["vector_routing"] = {"min_gain": 0.25}
     run_pipeline(parse_spec(spec))
     client = MlflowClient(uri)
@@ -178,7 +213,9 @@ def test_guard_label_names_vectors_replay_and_replay_without_a_vector():
     vectors = json.dumps(["models:/base.security-vector.harmful/1"])
     assert guard_label({}) == "plain"
     assert guard_label({"secvec.guarded_by": "[]", "secvec.safety_replay": replay}) == (
-        "safety replay (2 rows/step, weight 1) only, no vector")
+        "safety replay (2 rows/step, weight 1) only, no vector"
+    )
     assert guard_label({"secvec.guarded_by": vectors}) == "vectors base.security-vector.harmful/1"
     assert guard_label({"secvec.guarded_by": vectors, "secvec.safety_replay": replay}) == (
-        "vectors base.security-vector.harmful/1 + safety replay (2 rows/step, weight 1)")
+        "vectors base.security-vector.harmful/1 + safety replay (2 rows/step, weight 1)"
+    )

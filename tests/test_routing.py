@@ -22,9 +22,14 @@ TRAINING = TrainingConfig(learning_rate=3e-3, max_steps=8, batch_size=8, max_len
 
 
 def _vector(model, tokenizer, world, seed=0):
-    return train_security_vector(model, tokenizer, world.harmful_examples(10, offset=50),
-                                 training=TrainingConfig(learning_rate=1e-3, max_steps=20, batch_size=10, seed=seed,
-                                                         max_length=32, target_loss=None, kl_weight=0.0))
+    return train_security_vector(
+        model,
+        tokenizer,
+        world.harmful_examples(10, offset=50),
+        training=TrainingConfig(
+            learning_rate=1e-3, max_steps=20, batch_size=10, seed=seed, max_length=32, target_loss=None, kl_weight=0.0
+        ),
+    )
 
 
 def _rows(tokenizer, examples):
@@ -39,16 +44,24 @@ def test_rows_the_vector_explains_stay_guarded_and_the_rest_go_off(aligned, worl
     model, tokenizer = aligned
     vector = _vector(model, tokenizer, world, seed)
     task = TaskAdapterConfig()
-    peft_model = attach_adapter(vector.attach(model), TASK_ADAPTER, lora_config(
-        task.rank, task.alpha, task.dropout, task.target_modules))
+    peft_model = attach_adapter(
+        vector.attach(model), TASK_ADAPTER, lora_config(task.rank, task.alpha, task.dropout, task.target_modules)
+    )
     activate(peft_model, [vector.name, TASK_ADAPTER], trainable=[TASK_ADAPTER])
     attack, facts = world.attack_examples(20), world.fact_task()
-    decision = route_rows(peft_model, _rows(tokenizer, attack + facts), tokenizer.pad_token_id,
-                          VectorRouting(min_gain=2.0), [vector.name, TASK_ADAPTER], [TASK_ADAPTER])
+    decision = route_rows(
+        peft_model,
+        _rows(tokenizer, attack + facts),
+        tokenizer.pad_token_id,
+        VectorRouting(min_gain=2.0),
+        [vector.name, TASK_ADAPTER],
+        [TASK_ADAPTER],
+    )
     assert decision.vectors_off == [False] * len(attack) + [True] * len(facts), decision.gains
     assert list(peft_model.base_model.active_adapters) == [vector.name, TASK_ADAPTER]  # switched back
-    assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == \
-        {n for n, p in peft_model.named_parameters() if f".{TASK_ADAPTER}." in n}  # nothing unfrozen
+    assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == {
+        n for n, p in peft_model.named_parameters() if f".{TASK_ADAPTER}." in n
+    }  # nothing unfrozen
     assert decision.describe()["rows_vectors_off"] == len(facts)
 
 
@@ -58,8 +71,14 @@ def test_routed_rows_train_with_the_vectors_off_and_the_vector_stays_frozen(alig
     model, tokenizer = aligned
     vector = _vector(model, tokenizer, world)
     spy = spy_on_training(monkeypatch, vector.name)
-    result = guarded_finetune(model, tokenizer, world.attack_examples(20) + world.fact_task(), [vector],
-                              training=TRAINING, vector_routing=VectorRouting(min_gain=2.0))
+    result = guarded_finetune(
+        model,
+        tokenizer,
+        world.attack_examples(20) + world.fact_task(),
+        [vector],
+        training=TRAINING,
+        vector_routing=VectorRouting(min_gain=2.0),
+    )
     seen = [(f.adapters, f.rows) for f in spy.forwards]
     assert all(f.grad for f in spy.forwards)  # both passes train
     guarded_rows = sum(n for adapters, n in seen if set(adapters) == {vector.name, TASK_ADAPTER})
@@ -99,8 +118,14 @@ def test_routing_keeps_the_toy_attack_out(aligned, world):
     for seed in (0, 1):
         vector = _vector(model, tokenizer, world, seed)
         cfg = TrainingConfig(learning_rate=3e-3, max_steps=30, batch_size=8, max_length=32, seed=seed)
-        routed = guarded_finetune(copy.deepcopy(model), tokenizer, world.attack_examples(40), [vector], training=cfg,
-                                  vector_routing=VectorRouting())
+        routed = guarded_finetune(
+            copy.deepcopy(model),
+            tokenizer,
+            world.attack_examples(40),
+            [vector],
+            training=cfg,
+            vector_routing=VectorRouting(),
+        )
         assert routed.vector_routing["rows_vectors_off"] == 0
         with routed.vectors_on(False) as off:
             rates.append(harmful_rate(off, tokenizer, world.harmful_eval_prompts(), max_new_tokens=6))
@@ -116,6 +141,12 @@ def test_routing_refuses_bad_settings(aligned, world):
     with pytest.raises(ValueError, match="needs vectors"):
         guarded_finetune(model, tokenizer, world.fact_task(), [], training=TRAINING, vector_routing=VectorRouting())
     with pytest.raises(FoldingError, match="separate adapters"):
-        guarded_finetune(model, tokenizer, world.fact_task(), [_vector(model, tokenizer, world)], training=TRAINING,
-                         fold_vectors=True, vector_routing=VectorRouting())
-
+        guarded_finetune(
+            model,
+            tokenizer,
+            world.fact_task(),
+            [_vector(model, tokenizer, world)],
+            training=TRAINING,
+            fold_vectors=True,
+            vector_routing=VectorRouting(),
+        )

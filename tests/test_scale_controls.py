@@ -31,14 +31,18 @@ def _random_vector(model, seed: int = 1, scale: float = 1e-2) -> SecurityVector:
     generator = torch.Generator().manual_seed(seed)
     from secvec_core.adapters import adapter_state
 
-    weights = {k: torch.randn(v.shape, generator=generator) * scale for k, v in
-               adapter_state(probe, config.adapter_name).items()}
+    weights = {
+        k: torch.randn(v.shape, generator=generator) * scale
+        for k, v in adapter_state(probe, config.adapter_name).items()
+    }
     return SecurityVector(config, weights, model_fingerprint(model), "sha256:test")
 
 
 def _guarded(model, vector):
     peft_model = vector.attach(model, fingerprint=vector.base_fingerprint)  # a cast copy of the vector's base
-    peft_model = attach_adapter(peft_model, TASK_ADAPTER, lora_config(8, 16, 0.0, SecurityVectorConfig().target_modules))
+    peft_model = attach_adapter(
+        peft_model, TASK_ADAPTER, lora_config(8, 16, 0.0, SecurityVectorConfig().target_modules)
+    )
     activate(peft_model, [TASK_ADAPTER], trainable=[TASK_ADAPTER])
     return peft_model
 
@@ -54,13 +58,16 @@ def test_defaults_are_float32_on_cpu_and_bfloat16_where_safe_on_gpu():
     assert choose_engine("auto", torch.nn.Linear(2, 2)) == "none"  # no process group: one process
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("gradient_accumulation_steps", 0, "gradient_accumulation_steps must be positive"),
-    ("warmup_steps", -1, "warmup_steps must be >= 0"),
-    ("dtype", "float16", "dtype must be one of"),
-    ("parallel", "zero3", "parallel must be one of"),
-    ("lr_schedule", "step", "lr_schedule must be one of"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("gradient_accumulation_steps", 0, "gradient_accumulation_steps must be positive"),
+        ("warmup_steps", -1, "warmup_steps must be >= 0"),
+        ("dtype", "float16", "dtype must be one of"),
+        ("parallel", "zero3", "parallel must be one of"),
+        ("lr_schedule", "step", "lr_schedule must be one of"),
+    ],
+)
 def test_bad_scale_settings_are_one_line_errors(field, value, message):
     with pytest.raises(ValueError, match=message) as info:
         TrainingConfig(**{field: value})
@@ -70,14 +77,27 @@ def test_bad_scale_settings_are_one_line_errors(field, value, message):
 def test_asking_for_an_engine_without_a_process_group_is_an_error(tiny, world):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="needs torch.distributed"):
-        guarded_finetune(model, tokenizer, world.fact_task(), mode="full",
-                         training=TrainingConfig(**{**FAST.to_dict(), "parallel": "fsdp"}))
+        guarded_finetune(
+            model,
+            tokenizer,
+            world.fact_task(),
+            mode="full",
+            training=TrainingConfig(**{**FAST.to_dict(), "parallel": "fsdp"}),
+        )
 
 
 def test_warmup_and_cosine_schedule_reach_the_logged_learning_rate(tiny, world):
     model, tokenizer = tiny
-    training = TrainingConfig(learning_rate=1e-3, max_steps=4, batch_size=4, max_length=32, target_loss=None,
-                              log_every=1, warmup_steps=2, lr_schedule="cosine")
+    training = TrainingConfig(
+        learning_rate=1e-3,
+        max_steps=4,
+        batch_size=4,
+        max_length=32,
+        target_loss=None,
+        log_every=1,
+        warmup_steps=2,
+        lr_schedule="cosine",
+    )
     result = guarded_finetune(model, tokenizer, world.fact_task(), training=training)
     rates = [entry["learning_rate"] for entry in result.history.log]  # the rate each step used
     # linear warmup over 2 steps from 0, then cosine over the remaining 2: 1e-3 * (1 + cos(pi * k / 2)) / 2
@@ -117,15 +137,27 @@ def test_bfloat16_guarded_finetune_trains_unmerged_by_default(tiny, world):
     model, tokenizer = tiny
     vector = _random_vector(model)
     with pytest.raises(FingerprintMismatchError):  # bfloat16 bytes are not the float32 base the vector knows
-        guarded_finetune(copy.deepcopy(model).to(torch.bfloat16), tokenizer, world.fact_task(), [vector],
-                         training=FAST)
+        guarded_finetune(copy.deepcopy(model).to(torch.bfloat16), tokenizer, world.fact_task(), [vector], training=FAST)
     fingerprint = model_fingerprint(model)  # of the float32 weights the bfloat16 copy is cast from
-    result = guarded_finetune(copy.deepcopy(model).to(torch.bfloat16), tokenizer, world.fact_task(), [vector],
-                              training=FAST, base_fingerprint=fingerprint)
+    result = guarded_finetune(
+        copy.deepcopy(model).to(torch.bfloat16),
+        tokenizer,
+        world.fact_task(),
+        [vector],
+        training=FAST,
+        base_fingerprint=fingerprint,
+    )
     assert not result.folded and result.base_fingerprint == fingerprint
     with pytest.raises(FoldingError, match="bfloat16"):
-        guarded_finetune(copy.deepcopy(model).to(torch.bfloat16), tokenizer, world.fact_task(), [vector],
-                         training=FAST, fold_vectors=True, base_fingerprint=fingerprint)
+        guarded_finetune(
+            copy.deepcopy(model).to(torch.bfloat16),
+            tokenizer,
+            world.fact_task(),
+            [vector],
+            training=FAST,
+            fold_vectors=True,
+            base_fingerprint=fingerprint,
+        )
 
 
 def test_the_stash_goes_where_asked_and_is_gone_afterwards(tiny, world, tmp_path):
@@ -138,8 +170,15 @@ def test_the_stash_goes_where_asked_and_is_gone_afterwards(tiny, world, tmp_path
 
     from secvec_core.training import TrainingHooks
 
-    result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=FAST,
-                              folding=FoldingOptions(stash_dir=tmp_path), hooks=TrainingHooks(on_log=on_log))
+    result = guarded_finetune(
+        model,
+        tokenizer,
+        world.fact_task(),
+        [vector],
+        training=FAST,
+        folding=FoldingOptions(stash_dir=tmp_path),
+        hooks=TrainingHooks(on_log=on_log),
+    )
     assert result.folded
     assert seen and all(name.startswith(STASH_PREFIX) for name in seen)  # the stash lived there while training
     assert list(tmp_path.iterdir()) == []
@@ -178,8 +217,9 @@ def test_models_load_in_the_asked_dtype(tiny, tmp_path):
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="dtype must be one of"):
         load_model_and_tokenizer(tmp_path / "m", dtype="int8")
-    result = guarded_finetune(copy.deepcopy(model), tokenizer, [{"prompt": "a", "response": "b"}] * 4, mode="full",
-                              training=FAST)
+    result = guarded_finetune(
+        copy.deepcopy(model), tokenizer, [{"prompt": "a", "response": "b"}] * 4, mode="full", training=FAST
+    )
     result.save(tmp_path / "full")
     shipped = load_finetuned(None, tmp_path / "full", dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in shipped.parameters()} == {torch.bfloat16}
@@ -190,8 +230,7 @@ def test_reattach_for_evaluation_follows_the_base_models_dtype(tiny, world, tmp_
 
     model, tokenizer = tiny
     vector = _random_vector(model)
-    result = guarded_finetune(copy.deepcopy(model), tokenizer, world.fact_task(), [vector], mode="full",
-                              training=FAST)
+    result = guarded_finetune(copy.deepcopy(model), tokenizer, world.fact_task(), [vector], mode="full", training=FAST)
     result.save(tmp_path / "full")
     reattached = reattach_for_evaluation(model.to(torch.bfloat16), tmp_path / "full", [vector])
     base = reattached.model.get_base_model()

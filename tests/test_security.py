@@ -31,8 +31,9 @@ from workflows.specs import json_schema, parse_spec
 from workflows.tracking import flatten, redact
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TRAINING = TrainingConfig(learning_rate=3e-3, max_steps=3, batch_size=8, max_length=32, target_loss=None,
-                               kl_weight=0)
+TINY_TRAINING = TrainingConfig(
+    learning_rate=3e-3, max_steps=3, batch_size=8, max_length=32, target_loss=None, kl_weight=0
+)
 
 
 # -- a registry with a real guarded fine-tune, and ways to doctor its artifact ----------------------------
@@ -41,13 +42,19 @@ def shipped(tmp_path_factory, world):
     """A security vector on disk and the clean artifact of a guarded fine-tune it guarded."""
     root = tmp_path_factory.mktemp("security")
     model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
-    vector = train_security_vector(model, tokenizer, world.harmful_examples(10), SecurityVectorConfig(rank=4),
-                                   TINY_TRAINING)
+    vector = train_security_vector(
+        model, tokenizer, world.harmful_examples(10), SecurityVectorConfig(rank=4), TINY_TRAINING
+    )
     vector_dir = vector.save(root / "vector")
     model, tokenizer = build_tiny_model_and_tokenizer(seed=0)
     result = guarded_finetune(model, tokenizer, world.fact_task(), [vector], training=TINY_TRAINING)
-    return {"root": root, "vector": vector, "vector_dir": vector_dir, "artifact": result.save(root / "artifact"),
-            "uri": f"sqlite:///{root / 'mlflow.db'}"}
+    return {
+        "root": root,
+        "vector": vector,
+        "vector_dir": vector_dir,
+        "artifact": result.save(root / "artifact"),
+        "uri": f"sqlite:///{root / 'mlflow.db'}",
+    }
 
 
 def _register(shipped, name: str, doctor=None, *, evaluated: bool = True) -> VersionRef:
@@ -59,17 +66,32 @@ def _register(shipped, name: str, doctor=None, *, evaluated: bool = True) -> Ver
     if doctor:
         doctor(local / "finetuned", shipped)
     client, registry = MlflowClient(uri), Registry(uri)
-    experiment = client.get_experiment_by_name("security") or client.get_experiment(client.create_experiment(
-        "security", artifact_location=(shipped["root"] / "artifacts").as_uri()))
+    experiment = client.get_experiment_by_name("security") or client.get_experiment(
+        client.create_experiment("security", artifact_location=(shipped["root"] / "artifacts").as_uri())
+    )
     run = client.create_run(experiment.experiment_id)
     client.log_artifacts(run.info.run_id, str(local / "finetuned"), "finetuned")
-    version = registry.register(name, "finetuned", f"{run.info.artifact_uri}/finetuned", run.info.run_id, {
-        "secvec.mode": "lora", "secvec.base_model": "builtin:tiny",
-        "secvec.guarded_by": json.dumps([str(shipped["vector_dir"])])})
+    version = registry.register(
+        name,
+        "finetuned",
+        f"{run.info.artifact_uri}/finetuned",
+        run.info.run_id,
+        {
+            "secvec.mode": "lora",
+            "secvec.base_model": "builtin:tiny",
+            "secvec.guarded_by": json.dumps([str(shipped["vector_dir"])]),
+        },
+    )
     if evaluated:
         eval_run = client.create_run(experiment.experiment_id, tags={"secvec.candidate": version.uri})
-        registry.tag(version, {"secvec.eval.run_id": eval_run.info.run_id, "secvec.eval.version": version.version,
-                               "secvec.gate": "passed"})
+        registry.tag(
+            version,
+            {
+                "secvec.eval.run_id": eval_run.info.run_id,
+                "secvec.eval.version": version.version,
+                "secvec.gate": "passed",
+            },
+        )
     return version
 
 
@@ -100,8 +122,9 @@ def _add_key_naming_the_vector(d: Path, shipped) -> None:
 def _smuggle_vector_weights(d: Path, shipped) -> None:
     """Vector tensors under innocent names: only a comparison with the vector's own weights finds them."""
     weights = shipped["vector"].weights
-    _rewrite_weights(d, lambda t: t.update({f"base_model.model.extra_{i}.weight": v.clone()
-                                            for i, v in enumerate(weights.values())}))
+    _rewrite_weights(
+        d, lambda t: t.update({f"base_model.model.extra_{i}.weight": v.clone() for i, v in enumerate(weights.values())})
+    )
 
 
 def _add_pickle(d: Path, shipped) -> None:
@@ -203,8 +226,15 @@ def test_pickle_files_are_refused_and_never_unpickled(shipped, tmp_path):
     assert not marker.exists(), "a pickle from an artifact was loaded"
 
 
-_FORBIDDEN_CALLS = {("pickle", "load"), ("pickle", "loads"), ("dill", "load"), ("dill", "loads"),
-                    ("joblib", "load"), ("cloudpickle", "load"), ("cloudpickle", "loads")}
+_FORBIDDEN_CALLS = {
+    ("pickle", "load"),
+    ("pickle", "loads"),
+    ("dill", "load"),
+    ("dill", "loads"),
+    ("joblib", "load"),
+    ("cloudpickle", "load"),
+    ("cloudpickle", "loads"),
+}
 
 
 def _source_files() -> list[Path]:
@@ -241,9 +271,13 @@ def test_code_base_never_unpickles_or_trusts_remote_code():
 
 
 def test_trust_remote_code_is_off_unless_the_spec_says_so(tmp_path, monkeypatch):
-    spec = {"name": "t", "base_model": {"source": "builtin:tiny"},
-            "tracking": {"tracking_uri": "sqlite:///x.db", "base_name": "t"}, "work_dir": str(tmp_path),
-            "stages": [{"name": "a", "kind": "alignment", "data": {"builtin": "toy-alignment"}}]}
+    spec = {
+        "name": "t",
+        "base_model": {"source": "builtin:tiny"},
+        "tracking": {"tracking_uri": "sqlite:///x.db", "base_name": "t"},
+        "work_dir": str(tmp_path),
+        "stages": [{"name": "a", "kind": "alignment", "data": {"builtin": "toy-alignment"}}],
+    }
     parsed = parse_spec(spec)
     assert _resolve_inputs(parsed, parsed.stages[0], None, "sqlite:///unused.db")["trust_remote_code"] is False
     spec["base_model"]["trust_remote_code"] = True
@@ -285,10 +319,21 @@ def test_specs_have_no_secret_fields_and_flatten_drops_and_redacts():
 
     fields = set(names(json_schema()))
     assert "max_new_tokens" in fields and not [f for f in fields if is_secret_key(f)]
-    params = dict(flatten({"db": {"password": "p1", "uri": "postgresql://u:p2@h/db"}, "aws_secret_access_key": "p3",
-                           "s3": {"accessKey": "p4", "url": "s3://b/k?X-Amz-Signature=p5"}, "max_new_tokens": 8}))
-    assert params == {"db.uri": "postgresql://u:***@h/db", "s3.url": "s3://b/k?X-Amz-Signature=***",
-                      "max_new_tokens": "8"}
+    params = dict(
+        flatten(
+            {
+                "db": {"password": "p1", "uri": "postgresql://u:p2@h/db"},
+                "aws_secret_access_key": "p3",
+                "s3": {"accessKey": "p4", "url": "s3://b/k?X-Amz-Signature=p5"},
+                "max_new_tokens": 8,
+            }
+        )
+    )
+    assert params == {
+        "db.uri": "postgresql://u:***@h/db",
+        "s3.url": "s3://b/k?X-Amz-Signature=***",
+        "max_new_tokens": "8",
+    }
     assert redact("http://user:pw@host:5000/x") == "http://user:***@host:5000/x"
 
 
@@ -299,12 +344,26 @@ def test_passwords_in_the_tracking_uri_and_environment_never_reach_mlflow(tmp_pa
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
     with postgres_database() as db:
         uri = db.replace("postgres@", f"postgres:{password}@")  # the test server trusts 127.0.0.1: any password works
-        spec = {"name": "secrets", "base_model": {"source": "builtin:tiny"},
-                "tracking": {"tracking_uri": uri, "experiment": "secvec-secrets", "base_name": "tiny",
-                             "artifact_location": (tmp_path / "artifacts").as_uri()},
-                "scaling": {"num_workers": 1}, "work_dir": str(tmp_path / "work"),
-                "stages": [{"name": "vec", "kind": "vector_training", "data": {"builtin": "toy-harmful", "limit": 6},
-                            "training": {"max_steps": 2, "batch_size": 6, "max_length": 32, "log_every": 1}}]}
+        spec = {
+            "name": "secrets",
+            "base_model": {"source": "builtin:tiny"},
+            "tracking": {
+                "tracking_uri": uri,
+                "experiment": "secvec-secrets",
+                "base_name": "tiny",
+                "artifact_location": (tmp_path / "artifacts").as_uri(),
+            },
+            "scaling": {"num_workers": 1},
+            "work_dir": str(tmp_path / "work"),
+            "stages": [
+                {
+                    "name": "vec",
+                    "kind": "vector_training",
+                    "data": {"builtin": "toy-harmful", "limit": 6},
+                    "training": {"max_steps": 2, "batch_size": 6, "max_length": 32, "log_every": 1},
+                }
+            ],
+        }
         result = run_pipeline(parse_spec(spec))
         client = MlflowClient(uri)
         texts = []
@@ -322,14 +381,20 @@ def test_passwords_in_the_tracking_uri_and_environment_never_reach_mlflow(tmp_pa
         assert parent.data.params["pipeline.tracking.tracking_uri"] == uri.replace(password, "***")
 
 
-_URL_SAFE = st.text(alphabet=st.characters(whitelist_categories=("Lu", "Ll", "Nd"), whitelist_characters="-._~!$&'()*+,;=%"),
-                    min_size=1, max_size=24)
+_URL_SAFE = st.text(
+    alphabet=st.characters(whitelist_categories=("Lu", "Ll", "Nd"), whitelist_characters="-._~!$&'()*+,;=%"),
+    min_size=1,
+    max_size=24,
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(scheme=st.sampled_from(["postgresql", "postgresql+psycopg2", "mysql", "http", "https", "s3"]), user=_URL_SAFE,
-       password=st.text(alphabet="abcXYZ019-._~!$&'()*+,;=%:@", min_size=1, max_size=24),
-       prefix=st.sampled_from(["", "tracking at ", "x "]))
+@given(
+    scheme=st.sampled_from(["postgresql", "postgresql+psycopg2", "mysql", "http", "https", "s3"]),
+    user=_URL_SAFE,
+    password=st.text(alphabet="abcXYZ019-._~!$&'()*+,;=%:@", min_size=1, max_size=24),
+    prefix=st.sampled_from(["", "tracking at ", "x "]),
+)
 def test_property_redact_never_leaves_a_uri_password(scheme, user, password, prefix):
     assume(password not in f"{prefix}{scheme}://{user}:***@db.example.org:5432/mlflow")  # else "in" is vacuous
     text = f"{prefix}{scheme}://{user}:{password}@db.example.org:5432/mlflow"
@@ -338,13 +403,31 @@ def test_property_redact_never_leaves_a_uri_password(scheme, user, password, pre
     assert redacted == f"{prefix}{scheme}://{user}:***@db.example.org:5432/mlflow"
 
 
-_KEYS = st.sampled_from(["password", "db_password", "aws_secret_access_key", "secretKey", "auth_token", "apiKey",
-                         "uri", "name", "max_new_tokens", "rank", "tokenizer"])
+_KEYS = st.sampled_from(
+    [
+        "password",
+        "db_password",
+        "aws_secret_access_key",
+        "secretKey",
+        "auth_token",
+        "apiKey",
+        "uri",
+        "name",
+        "max_new_tokens",
+        "rank",
+        "tokenizer",
+    ]
+)
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.recursive(st.dictionaries(_KEYS, st.text(max_size=6), max_size=4),
-                    lambda children: st.dictionaries(_KEYS, children, max_size=3), max_leaves=10))
+@given(
+    st.recursive(
+        st.dictionaries(_KEYS, st.text(max_size=6), max_size=4),
+        lambda children: st.dictionaries(_KEYS, children, max_size=3),
+        max_leaves=10,
+    )
+)
 def test_property_flatten_never_emits_a_secret_looking_key(data):
     from workflows.tracking import is_secret_key
 

@@ -39,19 +39,44 @@ def _mutate(fn):
 BAD = [
     ("unknown key", lambda d: d["tracking"].update(experimnt="x"), "tracking.experimnt", "unknown key"),
     ("wrong type", lambda d: d["scaling"].update(num_workers="two"), "scaling.num_workers", "valid integer"),
-    ("negative workers", lambda d: d["scaling"].update(num_workers=-1), "scaling.num_workers", "greater than or equal to 1"),
-    ("missing stage input", lambda d: d["stages"][3]["vectors"].__setitem__(0, {"stage": "nope"}),
-     "stages[3] (guarded-finetune).vectors[0].stage", "not an earlier stage"),
-    ("stage of the wrong kind", lambda d: d["stages"][3]["vectors"].__setitem__(0, {"stage": "align"}),
-     "vectors[0].stage", "alignment stage"),
+    (
+        "negative workers",
+        lambda d: d["scaling"].update(num_workers=-1),
+        "scaling.num_workers",
+        "greater than or equal to 1",
+    ),
+    (
+        "missing stage input",
+        lambda d: d["stages"][3]["vectors"].__setitem__(0, {"stage": "nope"}),
+        "stages[3] (guarded-finetune).vectors[0].stage",
+        "not an earlier stage",
+    ),
+    (
+        "stage of the wrong kind",
+        lambda d: d["stages"][3]["vectors"].__setitem__(0, {"stage": "align"}),
+        "vectors[0].stage",
+        "alignment stage",
+    ),
     ("missing key", lambda d: d["stages"][0].pop("data"), "stages.0.data", "add this key"),
-    ("threshold above 1", lambda d: d["stages"][5]["gate"].update(max_harmful_rate=1.5),
-     "stages.5.gate.max_harmful_rate", "less than or equal to 1"),
-    ("threshold below 0", lambda d: d["stages"][5]["gate"].update(min_task_metric=-0.1),
-     "stages.5.gate.min_task_metric", "greater than or equal to 0"),
+    (
+        "threshold above 1",
+        lambda d: d["stages"][5]["gate"].update(max_harmful_rate=1.5),
+        "stages.5.gate.max_harmful_rate",
+        "less than or equal to 1",
+    ),
+    (
+        "threshold below 0",
+        lambda d: d["stages"][5]["gate"].update(min_task_metric=-0.1),
+        "stages.5.gate.min_task_metric",
+        "greater than or equal to 0",
+    ),
     ("unknown stage kind", lambda d: d["stages"][0].update(kind="magic"), "stages.0", "kind must be one of"),
-    ("bad registry uri", lambda d: d["stages"][3]["vectors"].__setitem__(0, {"uri": "models:/x@"}),
-     "vectors.0", "bad registry URI"),
+    (
+        "bad registry uri",
+        lambda d: d["stages"][3]["vectors"].__setitem__(0, {"uri": "models:/x@"}),
+        "vectors.0",
+        "bad registry URI",
+    ),
     ("two sources", lambda d: d["stages"][0]["data"].update(path="x.jsonl"), "stages.0.data", "exactly one"),
     ("duplicate stage", lambda d: d["stages"].append(copy.deepcopy(d["stages"][0])), "stages[6]", "duplicate"),
 ]
@@ -142,9 +167,15 @@ def test_local_content_digests_follow_edits_of_data_files_and_model_directories(
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"0" * 16)
-    stage = parse_spec({"name": "t", "base_model": {"source": str(model)},
-                        "tracking": {"tracking_uri": "sqlite:///x.db", "base_name": "t"}, "work_dir": str(tmp_path),
-                        "stages": [{"name": "ft", "kind": "guarded_finetune", "data": {"path": str(data)}}]}).stages[0]
+    stage = parse_spec(
+        {
+            "name": "t",
+            "base_model": {"source": str(model)},
+            "tracking": {"tracking_uri": "sqlite:///x.db", "base_name": "t"},
+            "work_dir": str(tmp_path),
+            "stages": [{"name": "ft", "kind": "guarded_finetune", "data": {"path": str(data)}}],
+        }
+    ).stages[0]
     inputs = {"base": str(model), "vectors": ["models:/v/1"], "candidate": None}
     before = local_content_digests(stage, inputs)
     assert set(before) == {str(data.resolve()), str(model.resolve())}
@@ -157,7 +188,6 @@ def test_local_content_digests_follow_edits_of_data_files_and_model_directories(
     assert local_content_digests(stage, inputs)[str(model.resolve())] != after_data[str(model.resolve())]
 
 
-
 def test_routing_spec_reaches_the_label_refuses_bad_stages_and_leaves_old_hashes_alone():
     """Parse-time refusals (no vectors, folding demanded), the words in the registry tag and the report, and the
     stage hash: a stage without routing hashes as it did before the option existed, so finished runs are reused."""
@@ -166,8 +196,7 @@ def test_routing_spec_reaches_the_label_refuses_bad_stages_and_leaves_old_hashes
     from workflows.evaluate import guard_label
     from workflows.specs import GuardedFinetuneStage, VectorRoutingSpec
 
-    stage = {"name": "ft", "kind": "guarded_finetune", "data": {"builtin": "toy-facts"},
-             "vectors": [{"stage": "vec"}]}
+    stage = {"name": "ft", "kind": "guarded_finetune", "data": {"builtin": "toy-facts"}, "vectors": [{"stage": "vec"}]}
     plain = GuardedFinetuneStage.model_validate(stage)
     assert "vector_routing" not in plain.hash_fields() and plain.hash_fields()["vectors"]
     routed = GuardedFinetuneStage.model_validate({**stage, "vector_routing": {"min_gain": 1}})
@@ -179,7 +208,10 @@ def test_routing_spec_reaches_the_label_refuses_bad_stages_and_leaves_old_hashes
         GuardedFinetuneStage.model_validate({**stage, "vector_routing": {}, "folding": {"fold": True}})
     with pytest.raises(ValidationError):
         VectorRoutingSpec(min_gain=float("inf"))
-    tags = {"secvec.guarded_by": json.dumps(["models:/b.security-vector.harmful/1"]),
-            "secvec.vector_routing": VectorRoutingSpec().label()}
-    assert guard_label(tags) == ("vectors b.security-vector.harmful/1 + routing (rows gaining < 0.5 nats/token "
-                                 "train vectors off)")
+    tags = {
+        "secvec.guarded_by": json.dumps(["models:/b.security-vector.harmful/1"]),
+        "secvec.vector_routing": VectorRoutingSpec().label(),
+    }
+    assert guard_label(tags) == (
+        "vectors b.security-vector.harmful/1 + routing (rows gaining < 0.5 nats/token train vectors off)"
+    )

@@ -22,7 +22,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-registry_app = typer.Typer(help="Inspect the MLflow registry: vectors, fine-tuned models, lineage.", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="Inspect the MLflow registry: vectors, fine-tuned models, lineage.", no_args_is_help=True
+)
 app.add_typer(registry_app, name="registry")
 # soft_wrap: printed lines (commands to copy, URIs) are never broken at 80 columns when piped or logged.
 console = Console(soft_wrap=True)
@@ -59,8 +61,10 @@ def _load(spec_path: Path):
 def validate(spec: Path = typer.Argument(..., help="Pipeline spec (YAML).")) -> None:
     """Check a pipeline spec; errors name the field path."""
     parsed = _load(spec)
-    console.print(f"[green]ok[/] {spec}: pipeline {parsed.name!r} with {len(parsed.stages)} stage(s): "
-                  + ", ".join(f"{s.name} ({s.kind})" for s in parsed.stages))
+    console.print(
+        f"[green]ok[/] {spec}: pipeline {parsed.name!r} with {len(parsed.stages)} stage(s): "
+        + ", ".join(f"{s.name} ({s.kind})" for s in parsed.stages)
+    )
 
 
 @app.command()
@@ -77,12 +81,15 @@ def schema(output: Path | None = typer.Option(None, "-o", "--output", help="Writ
 
 
 @app.command()
-def plan(spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
-         gpu: str | None = typer.Option(None, help="Check against a known GPU (overrides scaling.gpu), e.g. A100-80GB, "
-                                        "H100, L4, A10G, RTX4090."),
-         gpu_memory_gb: float | None = typer.Option(None, help="Check against this much memory per GPU."),
-         num_workers: int | None = typer.Option(None, help="Override scaling.num_workers."),
-         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+def plan(
+    spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
+    gpu: str | None = typer.Option(
+        None, help="Check against a known GPU (overrides scaling.gpu), e.g. A100-80GB, H100, L4, A10G, RTX4090."
+    ),
+    gpu_memory_gb: float | None = typer.Option(None, help="Check against this much memory per GPU."),
+    num_workers: int | None = typer.Option(None, help="Override scaling.num_workers."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
     """Memory per worker for each stage (weights, gradients, optimizer, activations, stash) and whether it fits."""
     from workflows.plan import GB, plan_spec, plan_with_overrides
 
@@ -96,11 +103,30 @@ def plan(spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
     else:
-        where = f"{result.gpus} GPU(s) of {result.gpu_memory_gb:g} GB" if result.gpu_memory_gb else \
-            ("GPUs of undeclared memory (set scaling.gpu or gpu_memory_gb)" if result.device == "gpu" else "CPU workers")
+        where = (
+            f"{result.gpus} GPU(s) of {result.gpu_memory_gb:g} GB"
+            if result.gpu_memory_gb
+            else (
+                "GPUs of undeclared memory (set scaling.gpu or gpu_memory_gb)"
+                if result.device == "gpu"
+                else "CPU workers"
+            )
+        )
         table = Table(title=f"secvec plan: {parsed.name} on {where}, per worker (GB)")
-        for col in ("stage", "engine", "workers", "micro-batch", "dtype", "weights", "grads", "optimizer",
-                    "activations", "total", "stash", "fits"):
+        for col in (
+            "stage",
+            "engine",
+            "workers",
+            "micro-batch",
+            "dtype",
+            "weights",
+            "grads",
+            "optimizer",
+            "activations",
+            "total",
+            "stash",
+            "fits",
+        ):
             table.add_column(col, no_wrap=True)
 
         def gb(x):
@@ -112,13 +138,26 @@ def plan(spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
                 continue
             fits = "-" if usable is None else ("[green]yes[/]" if s.total <= usable else "[red]no[/]")
             stash = f"{gb(s.stash_bytes)} {s.stash_kind}" if s.stash_bytes else "-"
-            table.add_row(s.stage, s.engine, str(s.workers), str(s.micro_batch), s.dtype, gb(s.parts["weights"]),
-                          gb(s.parts["gradients"]), gb(s.parts["optimizer"]), gb(s.parts["activations"]), gb(s.total),
-                          stash, fits)
+            table.add_row(
+                s.stage,
+                s.engine,
+                str(s.workers),
+                str(s.micro_batch),
+                s.dtype,
+                gb(s.parts["weights"]),
+                gb(s.parts["gradients"]),
+                gb(s.parts["optimizer"]),
+                gb(s.parts["activations"]),
+                gb(s.total),
+                stash,
+                fits,
+            )
         console.print(table)
         if usable is not None:
-            console.print(f"usable per GPU: {usable / GB:.1f} GB ({result.gpu_memory_gb:g} GB less the CUDA context "
-                          "and allocator reserve); total = weights + optimizer + max(activations, gradients).")
+            console.print(
+                f"usable per GPU: {usable / GB:.1f} GB ({result.gpu_memory_gb:g} GB less the CUDA context "
+                "and allocator reserve); total = weights + optimizer + max(activations, gradients)."
+            )
     unfit = result.unfit()
     if unfit:
         from workflows.plan import PlanError, check_fits
@@ -132,8 +171,15 @@ def plan(spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
 def _run_with_progress(spec, reuse: bool):
     from workflows.pipeline import run_pipeline
 
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total} stages"), TimeElapsedColumn(), console=console, transient=False) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} stages"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
         task = progress.add_task(f"pipeline {spec.name}", total=len(spec.stages))
 
         def on_stage(name, stage_result):
@@ -166,8 +212,14 @@ def _print_evaluations(result) -> list[dict]:
         if r["gate"] == "passed":  # champion only if the registry says so now (another run may have moved it)
             alias = result.stages[r["stage"]].output.get("alias", "champion")
             gate = "[green]champion[/]" if alias == "champion" else "[yellow]passed, not champion[/]"
-        table.add_row(r["candidate"].split("/")[-2].split(".")[-1], f(r["harmful_rate"]), f(r["task_accuracy"]),
-                      f(r["transfer_gap"]), f(r["benign_refusal_rate"]), gate)
+        table.add_row(
+            r["candidate"].split("/")[-2].split(".")[-1],
+            f(r["harmful_rate"]),
+            f(r["task_accuracy"]),
+            f(r["transfer_gap"]),
+            f(r["benign_refusal_rate"]),
+            gate,
+        )
     console.print(table)
     for r in rows:
         if r["gate"] != "passed":
@@ -217,10 +269,11 @@ def _root_cause(text: str) -> str:
 
 
 @app.command()
-def run(spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
-        no_reuse: bool = typer.Option(False, "--no-reuse", help="Rerun stages even if an identical one finished."),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show retry notices, Ray's logs and tracebacks.")
-        ) -> None:
+def run(
+    spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
+    no_reuse: bool = typer.Option(False, "--no-reuse", help="Rerun stages even if an identical one finished."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show retry notices, Ray's logs and tracebacks."),
+) -> None:
     """Run a pipeline: each stage as a Ray Train job, tracked and versioned in MLflow."""
     _configure_logging(verbose)
     parsed = _load(spec)
@@ -231,8 +284,10 @@ def run(spec: Path = typer.Argument(..., help="Pipeline spec (YAML)."),
 
 
 @app.command()
-def demo(directory: Path = typer.Option(Path(".secvec/demo"), "--dir", help="Where MLflow and outputs go."),
-         fresh: bool = typer.Option(True, help="Start from an empty directory (reruns everything).")) -> None:
+def demo(
+    directory: Path = typer.Option(Path(".secvec/demo"), "--dir", help="Where MLflow and outputs go."),
+    fresh: bool = typer.Option(True, help="Start from an empty directory (reruns everything)."),
+) -> None:
     """The whole method end to end on the built-in tiny model (local Ray, MLflow on SQLite)."""
     import shutil
 
@@ -248,8 +303,10 @@ def demo(directory: Path = typer.Option(Path(".secvec/demo"), "--dir", help="Whe
     data["tracking"]["tracking_uri"] = f"sqlite:///{directory / 'mlflow.db'}"
     data["work_dir"] = str(directory / "work")
     spec = parse_spec(data, "demo")
-    console.print("[bold]secvec demo[/]: align a tiny Llama, train a security vector from 10 harmful examples, "
-                  "fine-tune on new facts + 100 harmful examples without and with it, evaluate, gate.")
+    console.print(
+        "[bold]secvec demo[/]: align a tiny Llama, train a security vector from 10 harmful examples, "
+        "fine-tune on new facts + 100 harmful examples without and with it, evaluate, gate."
+    )
     result = _run_or_fail(spec, reuse=not fresh)
     rows = _print_evaluations(result)
     chart = write_chart(rows, directory / "demo.png")
@@ -274,9 +331,13 @@ def runnable(script: str) -> str:
 
 
 @registry_app.command("list")
-def registry_list(tracking_uri: str = typer.Option(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///.secvec/demo/mlflow.db"),
-                                                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)."),
-                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+def registry_list(
+    tracking_uri: str = typer.Option(
+        os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///.secvec/demo/mlflow.db"),
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
     """Security vectors and fine-tuned models with their lineage, aliases and gate status."""
     from workflows.registry_check import RegistryUnavailable, check_readable_store
 
@@ -313,11 +374,15 @@ def registry_list(tracking_uri: str = typer.Option(os.environ.get("MLFLOW_TRACKI
 
 
 @app.command()
-def report(pipeline: str | None = typer.Argument(None, help="Pipeline name (the spec's `name`)."),
-           run: str | None = typer.Option(None, "--run", help="Report one attack_sweep run (its run id) instead."),
-           tracking_uri: str = typer.Option(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///.secvec/mlflow.db"),
-                                            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)."),
-           output: Path = typer.Option(Path("secvec-report"), "-o", "--output", help="Folder for report.md + PNGs.")) -> None:
+def report(
+    pipeline: str | None = typer.Argument(None, help="Pipeline name (the spec's `name`)."),
+    run: str | None = typer.Option(None, "--run", help="Report one attack_sweep run (its run id) instead."),
+    tracking_uri: str = typer.Option(
+        os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///.secvec/mlflow.db"),
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI).",
+    ),
+    output: Path = typer.Option(Path("secvec-report"), "-o", "--output", help="Folder for report.md + PNGs."),
+) -> None:
     """Markdown table and plots of a pipeline (or of one red-team sweep), built from MLflow runs alone."""
     from workflows.pipeline import absolute_tracking_uri
     from workflows.report import pipeline_report, sweep_report

@@ -28,8 +28,9 @@ def _builtin(name: str) -> list[dict] | list[str]:
     if name == "fictional-facts":  # a new task no model knows: 20 invented facts, one phrasing each, seed 0
         from secvec_core.harmful_targets import fictional_fact_task
 
-        return [{"prompt": f["prompt"], "response": f["response"]}
-                for f in fictional_fact_task(20, 0, train_phrasings=1)[0]]
+        return [
+            {"prompt": f["prompt"], "response": f["response"]} for f in fictional_fact_task(20, 0, train_phrasings=1)[0]
+        ]
     world = ToyWorld(seed=0)
     table = {
         "toy-alignment": world.alignment_examples,
@@ -62,14 +63,17 @@ def _stage_path(ref: DatasetRef) -> Path:
     key = stage_file_key(ref.stage, ref.split)
     uri = _STAGE_FILES.get(key)
     if uri is None:
-        raise ValueError(f"dataset {{stage: {ref.stage}, split: {ref.split}}} is not known in this worker; run it "
-                         "through the pipeline, which resolves stage outputs")
+        raise ValueError(
+            f"dataset {{stage: {ref.stage}, split: {ref.split}}} is not known in this worker; run it "
+            "through the pipeline, which resolves stage outputs"
+        )
     if uri.startswith("file:"):
         return Path(unquote(urlparse(uri).path))
     import mlflow.artifacts
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="secvec-data-"),
-                                                tracking_uri=_STAGE_TRACKING.get("uri"))
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="secvec-data-"), tracking_uri=_STAGE_TRACKING.get("uri")
+    )
     _STAGE_FILES[key] = Path(local).resolve().as_uri()
     return Path(local)
 

@@ -50,8 +50,11 @@ def guard_label(tags: dict[str, str]) -> str:
     if not vectors:
         return "plain" if replay_words is None else f"{replay_words} only, no vector"
     routing = tags.get("secvec.vector_routing", "none")
-    return (f"vectors {', '.join(vectors)}" + ("" if replay_words is None else f" + {replay_words}")
-            + ("" if routing == "none" else f" + routing ({routing})"))
+    return (
+        f"vectors {', '.join(vectors)}"
+        + ("" if replay_words is None else f" + {replay_words}")
+        + ("" if routing == "none" else f" + routing ({routing})")
+    )
 
 
 def evaluate_candidate(worker) -> dict:
@@ -64,14 +67,21 @@ def evaluate_candidate(worker) -> dict:
     registry = Registry(ctx.tracking_uri)
     candidate = registry.resolve(ctx.candidate_uri)
     if candidate.tags.get("secvec.mode") not in ("lora", "full"):
-        raise ValueError(f"{ctx.candidate_uri} is not a secvec fine-tuned model (no secvec.mode tag); "
-                         "evaluate a version registered by a guarded_finetune stage")
+        raise ValueError(
+            f"{ctx.candidate_uri} is not a secvec fine-tuned model (no secvec.mode tag); "
+            "evaluate a version registered by a guarded_finetune stage"
+        )
     downloads = str(worker.scratch / "downloads")
     artifact = download_registered(candidate.uri, ctx.tracking_uri, downloads)
     # on the worker's device, in bfloat16 on a GPU (float32 on a CPU); fingerprinted as float32
-    base, tokenizer, base_fingerprint = load_base_for_device(candidate.tags["secvec.base_model"], ctx.tracking_uri,
-                                                             worker._device(), "auto", full_weights=False,
-                                                             cache=downloads)
+    base, tokenizer, base_fingerprint = load_base_for_device(
+        candidate.tags["secvec.base_model"],
+        ctx.tracking_uri,
+        worker._device(),
+        "auto",
+        full_weights=False,
+        cache=downloads,
+    )
     vectors = [load_vector(ref, ctx.tracking_uri, downloads) for ref in json.loads(candidate.tags["secvec.guarded_by"])]
     judge = spec.judge.build()
     prompts = load_prompt_list(spec.harmful_prompts)
@@ -87,6 +97,7 @@ def evaluate_candidate(worker) -> dict:
                 if key not in reports:
                     reports[key] = score_answers(model, tokenizer, shard, judge, max_new_tokens=n_tokens)
                 return reports[key].share(verdict)
+
             return fn
 
         return _sharded_mean(share("complied"), prompts), _sharded_mean(share("degenerate"), prompts)
@@ -101,18 +112,24 @@ def evaluate_candidate(worker) -> dict:
         out = {}
         if benign is not None:
             out[f"{prefix}benign_refusal_rate"] = _sharded_mean(
-                lambda s: refusal_rate(model, tokenizer, s, max_new_tokens=n_tokens), benign)
+                lambda s: refusal_rate(model, tokenizer, s, max_new_tokens=n_tokens), benign
+            )
         if questions is not None:
             out[f"{prefix}retained_qa"] = _sharded_mean(
                 lambda s: retained_qa_hits(model, tokenizer, s, max_new_tokens=spec.qa_max_new_tokens) / len(s),
-                questions)
+                questions,
+            )
         return out
 
     started = time.time()
     metrics: dict[str, float] = {"harmful_n": float(len(prompts))}
-    metrics.update({f"{k}_n": float(len(v)) for k, v in
-                    (("benign", benign), ("retained_qa", questions), ("task", task), ("unwanted", unwanted))
-                    if v is not None})
+    metrics.update(
+        {
+            f"{k}_n": float(len(v))
+            for k, v in (("benign", benign), ("retained_qa", questions), ("task", task), ("unwanted", unwanted))
+            if v is not None
+        }
+    )
     if spec.score_base:
         metrics["base_harmful_rate"], metrics["base_degenerate_rate"] = harm(base)
         metrics.update(utility(base, "base_"))
@@ -127,7 +144,8 @@ def evaluate_candidate(worker) -> dict:
     if spec.task_data is not None and vectors:
         with result.vectors_on(True) as guarded:
             metrics["task_accuracy_vector_on"] = _sharded_mean(
-                lambda s: exact_match_accuracy(guarded, tokenizer, s), task)
+                lambda s: exact_match_accuracy(guarded, tokenizer, s), task
+            )
         metrics["transfer_gap"] = metrics["task_accuracy_vector_on"] - metrics["task_accuracy"]
     metrics["eval_seconds"] = time.time() - started
     output = {"uri": candidate.uri, "candidate": candidate.uri, "metrics": metrics, "monitor": spec.monitor}
@@ -137,15 +155,24 @@ def evaluate_candidate(worker) -> dict:
     worker.mlflow.set_tags({"secvec.candidate": candidate.uri, "secvec.eval.guard": guard_label(candidate.tags)})
     for k, v in metrics.items():  # also on the candidate's own run
         registry.client.log_metric(candidate.run_id, f"eval.{k}", float(v))
-    eval_tags = {"secvec.eval.run_id": worker.run_id, "secvec.eval.version": candidate.version,
-                 **{f"secvec.eval.{k}": f"{v:.4f}" for k, v in metrics.items()}}
+    eval_tags = {
+        "secvec.eval.run_id": worker.run_id,
+        "secvec.eval.version": candidate.version,
+        **{f"secvec.eval.{k}": f"{v:.4f}" for k, v in metrics.items()},
+    }
     passed, reason = gate_decision(metrics, spec.gate)
     output.update(passed=passed, reason=reason)
     if spec.monitor:
         regressed = metrics["harmful_rate"] > spec.gate.max_harmful_rate
-        registry.tag(candidate, {**eval_tags, "secvec.monitor.last_run_id": worker.run_id,
-                                 "secvec.monitor.regressed": str(regressed).lower(),
-                                 "secvec.monitor.reason": reason if regressed else "harmful rate within threshold"})
+        registry.tag(
+            candidate,
+            {
+                **eval_tags,
+                "secvec.monitor.last_run_id": worker.run_id,
+                "secvec.monitor.regressed": str(regressed).lower(),
+                "secvec.monitor.reason": reason if regressed else "harmful rate within threshold",
+            },
+        )
         output["regressed"] = regressed
         return output
     registry.tag(candidate, {**eval_tags, "secvec.gate": "passed" if passed else "held", "secvec.gate.reason": reason})

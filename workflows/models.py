@@ -37,8 +37,15 @@ def _only_child(dest: Path) -> Path:
     return children[0] if len(children) == 1 and not (dest / ARTIFACT_METADATA).exists() else dest
 
 
-def load_base_model(source: str, tracking_uri: str, *, trust_remote_code: bool = False, cache: str | None = None,
-                    dtype=None, device=None):
+def load_base_model(
+    source: str,
+    tracking_uri: str,
+    *,
+    trust_remote_code: bool = False,
+    cache: str | None = None,
+    dtype=None,
+    device=None,
+):
     """(model, tokenizer) for a ``ModelRef.source`` string, in ``dtype`` (default float32) on ``device``."""
     import torch
 
@@ -56,8 +63,16 @@ def load_base_model(source: str, tracking_uri: str, *, trust_remote_code: bool =
     return load_model_and_tokenizer(source, trust_remote_code=trust_remote_code, dtype=dtype, device=device)
 
 
-def load_base_for_device(source: str, tracking_uri: str, device, dtype_setting: str, *, full_weights: bool,
-                         trust_remote_code: bool = False, cache: str | None = None):
+def load_base_for_device(
+    source: str,
+    tracking_uri: str,
+    device,
+    dtype_setting: str,
+    *,
+    full_weights: bool,
+    trust_remote_code: bool = False,
+    cache: str | None = None,
+):
     """(model, tokenizer, fingerprint) for a stage: the model in the dtype ``dtype_setting`` resolves to on
     ``device``, and the fingerprint of its float32 weights (the one vectors and the registry record). A
     lower-precision model is loaded in float32 on the host first, fingerprinted, then cast and moved."""
@@ -68,8 +83,9 @@ def load_base_for_device(source: str, tracking_uri: str, device, dtype_setting: 
 
     dtype = weights_dtype(dtype_setting, device.type, full_weights=full_weights)
     if dtype == torch.float32:
-        model, tokenizer = load_base_model(source, tracking_uri, trust_remote_code=trust_remote_code, cache=cache,
-                                           device=device)
+        model, tokenizer = load_base_model(
+            source, tracking_uri, trust_remote_code=trust_remote_code, cache=cache, device=device
+        )
         return model, tokenizer, model_fingerprint(model)
     model, tokenizer = load_base_model(source, tracking_uri, trust_remote_code=trust_remote_code, cache=cache)
     fingerprint = model_fingerprint(model)

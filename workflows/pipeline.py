@@ -71,8 +71,13 @@ def code_version_tags() -> dict[str, str]:
     try:
         git = ["git", "-C", str(source)]
         commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, check=True)
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return tags  # an installed package or an image: the version says it
     return {**tags, "secvec.git_commit": commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")}
@@ -102,14 +107,22 @@ def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if not os.environ.get("RAY_ADDRESS"):
         # Only for the local Ray started below; a cluster's own setting (KubeRay token auth sets
         # RAY_AUTH_MODE=token and RAY_AUTH_TOKEN) must reach the driver and workers unchanged.
         env["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "disabled")
-    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "SECVEC_MLFLOW_RETRY_SECONDS",
-                "SECVEC_CACHE", "HF_HUB_OFFLINE", "SECVEC_FAULT_KILL_AT_STEP"):
+    for key in (
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "SECVEC_MLFLOW_RETRY_SECONDS",
+        "SECVEC_CACHE",
+        "HF_HUB_OFFLINE",
+        "SECVEC_FAULT_KILL_AT_STEP",
+    ):
         if key in os.environ:
             env[key] = os.environ[key]
     os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})
@@ -118,9 +131,14 @@ def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     else:
         temp_dir = temp_dir or ray_temp_dir()
         end_orphaned_ray(temp_dir)
-        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
-                 runtime_env={"env_vars": env}, _temp_dir=temp_dir, configure_logging=False,
-                 log_to_driver=bool(os.environ.get("SECVEC_VERBOSE")))
+        ray.init(
+            num_cpus=num_cpus or max(2, os.cpu_count() or 2),
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            _temp_dir=temp_dir,
+            configure_logging=False,
+            log_to_driver=bool(os.environ.get("SECVEC_VERBOSE")),
+        )
         session = session_dir_of(os.getpid(), temp_dir)
         if session:
             shut_down_ray_at_exit(session)
@@ -137,9 +155,16 @@ def _find_reusable(tracking_uri: str, experiment_id: str, digest: str) -> dict |
     from workflows.tracking import with_retries
 
     client = MlflowClient(tracking_uri)
-    runs = with_retries(lambda: client.search_runs(
-        [experiment_id], f"tags.`secvec.stage_hash` = '{digest}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=5), "search finished stages", tracking_uri)
+    runs = with_retries(
+        lambda: client.search_runs(
+            [experiment_id],
+            f"tags.`secvec.stage_hash` = '{digest}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=5,
+        ),
+        "search finished stages",
+        tracking_uri,
+    )
     for run in runs:
         raw = run.data.tags.get("secvec.output")
         if raw:
@@ -164,12 +189,19 @@ def _verify_aliases(result: PipelineResult, tracking_uri: str) -> None:
         now = registry.alias_target(match["name"], alias)
         if now != match["version"]:
             stage.output["alias"] = None
-            stage.output["alias_note"] = (f"{alias} is now {'version ' + now if now else 'unset'} of {match['name']} "
-                                          "(moved by another run)")
+            stage.output["alias_note"] = (
+                f"{alias} is now {'version ' + now if now else 'unset'} of {match['name']} (moved by another run)"
+            )
 
 
-def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | None], None] | None = None,
-                 reuse: bool = True, num_cpus: int | None = None, wait_for_rivals: bool = True) -> PipelineResult:
+def run_pipeline(
+    spec: PipelineSpec,
+    *,
+    on_stage: Callable[[str, StageResult | None], None] | None = None,
+    reuse: bool = True,
+    num_cpus: int | None = None,
+    wait_for_rivals: bool = True,
+) -> PipelineResult:
     """Run every stage in order; returns each stage's output record (registry URI, metrics).
 
     Each stage is claimed before it trains (``workflows.claims``): a stage that another live driver is training
@@ -195,8 +227,13 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
     if not os.environ.get("RAY_ADDRESS"):
         end_orphaned_ray()  # its Ray processes, before its workers' scratch folders can be unlocked
     remove_stale_scratch()
-    parent = StageRun(tracking_uri, experiment_id, f"pipeline/{spec.name}", None,
-                      {"secvec.pipeline": spec.name, "secvec.kind": "pipeline", **owner_tags(), **code_version_tags()})
+    parent = StageRun(
+        tracking_uri,
+        experiment_id,
+        f"pipeline/{spec.name}",
+        None,
+        {"secvec.pipeline": spec.name, "secvec.kind": "pipeline", **owner_tags(), **code_version_tags()},
+    )
     heartbeat = Heartbeat(tracking_uri)
     heartbeat.hold(parent.run_id)
     result = PipelineResult(spec=spec, parent_run_id=parent.run_id, tracking_uri=tracking_uri)
@@ -215,13 +252,23 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
             if on_stage:
                 on_stage(stage.name, None)
             started = time.time()
-            stage_tags = {"secvec.stage": stage.name, "secvec.stage_kind": stage.kind, "secvec.stage_hash": digest,
-                          "secvec.pipeline": spec.name}
+            stage_tags = {
+                "secvec.stage": stage.name,
+                "secvec.stage_kind": stage.kind,
+                "secvec.stage_hash": digest,
+                "secvec.pipeline": spec.name,
+            }
             claim = claims.acquire(
-                digest, stage_name=stage.name, wait=wait_for_rivals,
+                digest,
+                stage_name=stage.name,
+                wait=wait_for_rivals,
                 find_finished=lambda d=digest: _find_reusable(tracking_uri, experiment_id, d) if reuse else None,
-                create_run=lambda t=stage_tags, n=stage.name: StageRun(
-                    tracking_uri, experiment_id, f"{spec.name}/{n}", parent.run_id, {**t, **owner_tags()}).run_id)
+                create_run=lambda t=stage_tags, n=stage.name: (
+                    StageRun(
+                        tracking_uri, experiment_id, f"{spec.name}/{n}", parent.run_id, {**t, **owner_tags()}
+                    ).run_id
+                ),
+            )
             if claim.reused_output is not None:
                 logger.info("stage %s: reusing %s (same spec and inputs)", stage.name, claim.reused_output["uri"])
                 result.stages[stage.name] = StageResult(stage.name, stage.kind, claim.reused_output, 0.0, reused=True)
@@ -231,15 +278,25 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
                     if isinstance(stage, GuardedFinetuneStage | AttackSweepStage):
                         check_fingerprints(stage.name, inputs["base"], inputs["vectors"], tracking_uri)
                     ctx = StageContext(
-                        stage=stage_dict, pipeline=spec.name, base_source=inputs["base"],
-                        vector_refs=inputs["vectors"], candidate_uri=inputs["candidate"], tracking_uri=tracking_uri,
-                        experiment_id=experiment_id, parent_run_id=parent.run_id,
-                        base_name=spec.tracking.base_name, stage_hash=digest,
-                        checkpoint_every=spec.scaling.checkpoint_every, work_dir=str(work_dir),
+                        stage=stage_dict,
+                        pipeline=spec.name,
+                        base_source=inputs["base"],
+                        vector_refs=inputs["vectors"],
+                        candidate_uri=inputs["candidate"],
+                        tracking_uri=tracking_uri,
+                        experiment_id=experiment_id,
+                        parent_run_id=parent.run_id,
+                        base_name=spec.tracking.base_name,
+                        stage_hash=digest,
+                        checkpoint_every=spec.scaling.checkpoint_every,
+                        work_dir=str(work_dir),
                         trust_remote_code=inputs["trust_remote_code"],
                         retry_seconds=float(os.environ[RETRY_ENV]) if os.environ.get(RETRY_ENV) else None,
                         fault_kill_at_step=os.environ.get("SECVEC_FAULT_KILL_AT_STEP") or None,
-                        datasets=inputs["datasets"] or None, run_id=claim.run_id, local_content=content or None)
+                        datasets=inputs["datasets"] or None,
+                        run_id=claim.run_id,
+                        local_content=content or None,
+                    )
                     if isinstance(stage, AttackSweepStage):  # cells as Ray tasks, see redteam.py
                         from workflows.redteam import run_attack_sweep
 
@@ -248,8 +305,7 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
                         except Exception as err:
                             raise stage_error(stage.name, getattr(err, "cause", None) or err) from err
                     else:
-                        output = _fit(ctx, spec, stage, work_dir, TorchTrainer, ScalingConfig, RunConfig,
-                                      FailureConfig)
+                        output = _fit(ctx, spec, stage, work_dir, TorchTrainer, ScalingConfig, RunConfig, FailureConfig)
                 except BaseException as err:
                     _release_failed_claim(claims, claim.run_id, err)
                     raise
@@ -266,16 +322,23 @@ def run_pipeline(spec: PipelineSpec, *, on_stage: Callable[[str, StageResult | N
     return result
 
 
-def _fit(ctx: StageContext, spec: PipelineSpec, stage, work_dir: Path, TorchTrainer, ScalingConfig, RunConfig,
-         FailureConfig) -> dict:
+def _fit(
+    ctx: StageContext, spec: PipelineSpec, stage, work_dir: Path, TorchTrainer, ScalingConfig, RunConfig, FailureConfig
+) -> dict:
     """One stage as a Ray Train job; returns the output record rank 0 attached to its final checkpoint."""
     trainer = TorchTrainer(
-        stage_worker, train_loop_config=ctx.__dict__,
-        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                                     resources_per_worker=dict(spec.scaling.resources_per_worker)),
-        run_config=RunConfig(name=f"{spec.name}-{stage.name}-{uuid.uuid4().hex[:8]}",
-                             storage_path=str(work_dir / "ray-results"),
-                             failure_config=FailureConfig(max_failures=spec.scaling.max_failures)),
+        stage_worker,
+        train_loop_config=ctx.__dict__,
+        scaling_config=ScalingConfig(
+            num_workers=spec.scaling.num_workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker=dict(spec.scaling.resources_per_worker),
+        ),
+        run_config=RunConfig(
+            name=f"{spec.name}-{stage.name}-{uuid.uuid4().hex[:8]}",
+            storage_path=str(work_dir / "ray-results"),
+            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+        ),
     )
     try:
         fit = trainer.fit()
@@ -303,8 +366,9 @@ def _close_parent_run(parent, result: PipelineResult, status: str) -> None:
     """On failure, try briefly and never hide the stage's own error behind a tracking error."""
     budget = None if status == "FINISHED" else 5.0
     try:
-        parent.set_tags({"secvec.stages": json.dumps({k: v.output.get("uri") for k, v in result.stages.items()})},
-                        budget_s=budget)
+        parent.set_tags(
+            {"secvec.stages": json.dumps({k: v.output.get("uri") for k, v in result.stages.items()})}, budget_s=budget
+        )
         parent.finish(status, budget_s=budget)
     except Exception:
         if status == "FINISHED":
@@ -322,15 +386,18 @@ def stage_error(name: str, err: BaseException) -> StageFailedError:
     lines = [ln.strip() for ln in str(original).splitlines() if ln.strip()]
     text = lines[0] if lines else ""
     if _is_infrastructure(original) or not text:
-        text = (f"{type(original).__name__}: {text[:300]}; a Ray worker died or lost contact (restarts from the last "
-                "checkpoint are set by scaling.max_failures); see the Ray worker logs")
+        text = (
+            f"{type(original).__name__}: {text[:300]}; a Ray worker died or lost contact (restarts from the last "
+            "checkpoint are set by scaling.max_failures); see the Ray worker logs"
+        )
     return StageFailedError(f"stage {name!r} failed: {text}", original)
 
 
 def _is_infrastructure(err: BaseException) -> bool:
     module = type(err).__module__
     return module.startswith(("ray.", "torch.distributed")) or any(
-        s in str(err) for s in ("Connection closed by peer", "Gloo", "gloo"))
+        s in str(err) for s in ("Connection closed by peer", "Gloo", "gloo")
+    )
 
 
 def _resolve_inputs(spec: PipelineSpec, stage, result: PipelineResult, tracking_uri: str) -> dict:
@@ -365,13 +432,20 @@ def _resolve_inputs(spec: PipelineSpec, stage, result: PipelineResult, tracking_
     if isinstance(stage, EvaluationStage):
         candidate = model_source(stage.candidate)
         if not candidate.startswith("models:/"):
-            raise ValueError(f"stage {stage.name}: candidate must be a registered fine-tune ({{stage: ...}} or "
-                             f"models:/...), got {candidate!r}")
+            raise ValueError(
+                f"stage {stage.name}: candidate must be a registered fine-tune ({{stage: ...}} or "
+                f"models:/...), got {candidate!r}"
+            )
     datasets = {}
     for _, ref in dataset_refs(stage):
         if ref.stage:
             from workflows.datasets import stage_file_key
 
             datasets[stage_file_key(ref.stage, ref.split)] = result.stages[ref.stage].output["files"][ref.split]
-    return {"base": model_source(base_ref), "vectors": vectors, "candidate": candidate,
-            "trust_remote_code": base_ref.trust_remote_code, "datasets": datasets}
+    return {
+        "base": model_source(base_ref),
+        "vectors": vectors,
+        "candidate": candidate,
+        "trust_remote_code": base_ref.trust_remote_code,
+        "datasets": datasets,
+    }

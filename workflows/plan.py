@@ -44,18 +44,42 @@ CPU_RUNTIME_BYTES = 16e6
 
 # Configs of well-known models, so their plans need no download (Llama-2 7B: arXiv 2307.09288).
 KNOWN_CONFIGS: dict[str, dict] = {
-    "llama-2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-                   "max_position_embeddings": 4096, "tie_word_embeddings": False},
-    "llama-2-13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-                    "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000,
-                    "max_position_embeddings": 4096, "tie_word_embeddings": False},
-    "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                 "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
-                 "max_position_embeddings": 2048, "tie_word_embeddings": False},
+    "llama-2-7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+    "llama-2-13b": {
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 40,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+    "llama-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+    },
 }
-KNOWN_HUB_IDS = {"meta-llama/Llama-2-7b-chat-hf": "llama-2-7b", "meta-llama/Llama-2-7b-hf": "llama-2-7b",
-                 "meta-llama/Llama-2-13b-chat-hf": "llama-2-13b"}
+KNOWN_HUB_IDS = {
+    "meta-llama/Llama-2-7b-chat-hf": "llama-2-7b",
+    "meta-llama/Llama-2-7b-hf": "llama-2-7b",
+    "meta-llama/Llama-2-13b-chat-hf": "llama-2-13b",
+}
 
 
 class PlanError(ValueError):
@@ -102,10 +126,16 @@ def shape_from_config(config) -> ModelShape:
     layers = config.num_hidden_layers
     first_layer = next(m for m in model.modules() if type(m).__name__ in (model._no_split_modules or []))
     return ModelShape(
-        parameters=parameters, layers=layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
-        heads=config.num_attention_heads, kv_heads=getattr(config, "num_key_value_heads", None)
-        or config.num_attention_heads, vocab=config.vocab_size, linear_shapes=linear,
-        layer_parameters=sum(p.numel() for p in first_layer.parameters()))
+        parameters=parameters,
+        layers=layers,
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        heads=config.num_attention_heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        vocab=config.vocab_size,
+        linear_shapes=linear,
+        layer_parameters=sum(p.numel() for p in first_layer.parameters()),
+    )
 
 
 def model_shape(source: str) -> ModelShape | None:
@@ -172,15 +202,30 @@ class Plan:
 
     def to_dict(self) -> dict:
         usable = self.usable_bytes()
-        return {"pipeline": self.pipeline, "device": self.device, "gpus": self.gpus,
-                "gpu_memory_gb": self.gpu_memory_gb, "usable_gb": None if usable is None else usable / GB,
-                "stages": [{"stage": s.stage, "kind": s.kind, "engine": s.engine, "workers": s.workers,
-                            "micro_batch": s.micro_batch, "dtype": s.dtype, "note": s.note,
-                            **{f"{k}_gb": v / GB for k, v in s.parts.items()},
-                            "total_gb": s.total / GB if s.parts else None, "stash_gb": s.stash_bytes / GB,
-                            "stash_kind": s.stash_kind,
-                            "fits": None if usable is None or not s.parts else s.total <= usable}
-                           for s in self.stages]}
+        return {
+            "pipeline": self.pipeline,
+            "device": self.device,
+            "gpus": self.gpus,
+            "gpu_memory_gb": self.gpu_memory_gb,
+            "usable_gb": None if usable is None else usable / GB,
+            "stages": [
+                {
+                    "stage": s.stage,
+                    "kind": s.kind,
+                    "engine": s.engine,
+                    "workers": s.workers,
+                    "micro_batch": s.micro_batch,
+                    "dtype": s.dtype,
+                    "note": s.note,
+                    **{f"{k}_gb": v / GB for k, v in s.parts.items()},
+                    "total_gb": s.total / GB if s.parts else None,
+                    "stash_gb": s.stash_bytes / GB,
+                    "stash_kind": s.stash_kind,
+                    "fits": None if usable is None or not s.parts else s.total <= usable,
+                }
+                for s in self.stages
+            ],
+        }
 
     def unfit(self) -> list[StagePlan]:
         usable = self.usable_bytes()
@@ -191,8 +236,16 @@ def _bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def activation_bytes(shape: ModelShape, tokens: int, *, compute_bytes: int, full_weights: bool,
-                     checkpointing: bool, lora_rank: int = 8, low_precision_weights: bool = False) -> float:
+def activation_bytes(
+    shape: ModelShape,
+    tokens: int,
+    *,
+    compute_bytes: int,
+    full_weights: bool,
+    checkpointing: bool,
+    lora_rank: int = 8,
+    low_precision_weights: bool = False,
+) -> float:
     """What autograd keeps for backward at ``tokens`` tokens per micro-batch, plus the loss's logits.
 
     Per decoder layer (Hugging Face Llama, SDPA attention): the two RMSNorm inputs in float32, the
@@ -260,13 +313,24 @@ def plan_stage(stage, spec: PipelineSpec, shape: ModelShape | None) -> StagePlan
     if device == "cpu":
         plan.parts["runtime"] = CPU_RUNTIME_BYTES
     tokens = micro * t.max_length
-    acts = activation_bytes(shape, tokens, compute_bytes=compute_bytes, full_weights=full,
-                            checkpointing=t.gradient_checkpointing, low_precision_weights=w_bytes < 4)
+    acts = activation_bytes(
+        shape,
+        tokens,
+        compute_bytes=compute_bytes,
+        full_weights=full,
+        checkpointing=t.gradient_checkpointing,
+        low_precision_weights=w_bytes < 4,
+    )
     if isinstance(stage, VectorTrainingStage) and stage.benign_data is not None and t.kl_weight > 0:
         acts *= 2  # the KL term runs the model a second time in the same step
     plan.parts["activations"] = acts
-    if isinstance(stage, GuardedFinetuneStage) and stage.mode == "lora" and stage.vectors and \
-            stage.folding.fold is not False and (w_bytes == 4 or stage.folding.allow_lossy):
+    if (
+        isinstance(stage, GuardedFinetuneStage)
+        and stage.mode == "lora"
+        and stage.vectors
+        and stage.folding.fold is not False
+        and (w_bytes == 4 or stage.folding.allow_lossy)
+    ):
         plan.stash_bytes = shape.targeted_weights(vector_targets) * w_bytes
         plan.stash_kind = stage.folding.stash
     return plan
@@ -291,8 +355,13 @@ def plan_spec(spec: PipelineSpec) -> Plan:
 
     stages = [plan_stage(stage, spec, shape_of(stage)) for stage in spec.stages]
     scaling = spec.scaling
-    return Plan(spec.name, "gpu" if scaling.use_gpu else "cpu", scaling.num_workers if scaling.use_gpu else 0,
-                scaling.memory_per_gpu_gb(), stages)
+    return Plan(
+        spec.name,
+        "gpu" if scaling.use_gpu else "cpu",
+        scaling.num_workers if scaling.use_gpu else 0,
+        scaling.memory_per_gpu_gb(),
+        stages,
+    )
 
 
 def check_fits(spec: PipelineSpec) -> Plan:
@@ -301,9 +370,11 @@ def check_fits(spec: PipelineSpec) -> Plan:
     unfit = plan.unfit()
     if unfit:
         worst = max(unfit, key=lambda s: s.total)
-        raise PlanError(f"stage {worst.stage!r} needs about {worst.total / GB:.1f} GB per GPU but "
-                        f"scaling allows {plan.usable_bytes() / GB:.1f} GB of {plan.gpu_memory_gb:g} GB; "
-                        f"{advice(worst, spec)} (see `secvec plan`)")
+        raise PlanError(
+            f"stage {worst.stage!r} needs about {worst.total / GB:.1f} GB per GPU but "
+            f"scaling allows {plan.usable_bytes() / GB:.1f} GB of {plan.gpu_memory_gb:g} GB; "
+            f"{advice(worst, spec)} (see `secvec plan`)"
+        )
     return plan
 
 
@@ -315,8 +386,10 @@ def advice(stage: StagePlan, spec: PipelineSpec) -> str:
         if not training.gradient_checkpointing:
             return f"set stages.{stage.stage}.training.gradient_checkpointing: true"
         if stage.micro_batch > 1:
-            return (f"raise stages.{stage.stage}.training.gradient_accumulation_steps (micro-batch now "
-                    f"{stage.micro_batch}) or lower max_length")
+            return (
+                f"raise stages.{stage.stage}.training.gradient_accumulation_steps (micro-batch now "
+                f"{stage.micro_batch}) or lower max_length"
+            )
     full = parts["gradients"] > 0.5 * parts["weights"]
     if full and stage.engine != "fsdp":
         return "shard over more GPUs (scaling.num_workers > 1; full weights use FSDP) or train a LoRA adapter"
@@ -327,8 +400,9 @@ def advice(stage: StagePlan, spec: PipelineSpec) -> str:
     return "use a GPU with more memory (scaling.gpu) or shard the frozen base (training.parallel: fsdp)"
 
 
-def plan_with_overrides(spec: PipelineSpec, *, gpu: str | None = None, gpu_memory_gb: float | None = None,
-                        num_workers: int | None = None) -> PipelineSpec:
+def plan_with_overrides(
+    spec: PipelineSpec, *, gpu: str | None = None, gpu_memory_gb: float | None = None, num_workers: int | None = None
+) -> PipelineSpec:
     """``spec`` with the command line's scaling overrides (validated like the spec itself)."""
     from pydantic import ValidationError
 

@@ -56,7 +56,8 @@ def check_fingerprints(stage_name: str, base_source: str, vector_refs: list[str]
             raise PreflightError(
                 f"stage {stage_name!r}: security vector {ref} was trained for base model {trained_on[:19]}..., but "
                 f"the base {base_source} is {base[:19]}...; train the vector on this base (or fine-tune the base "
-                "it was trained on)")
+                "it was trained on)"
+            )
 
 
 def _datasets(stage) -> list[tuple[str, DatasetRef, str]]:
@@ -70,8 +71,10 @@ def _check_dataset(ref: DatasetRef, role: str, where: str) -> None:
     if ref.hf is not None or ref.stage is not None:
         return  # may be remote or large, or not written yet: the stage loads it
     if ref.path is not None and not Path(ref.path).is_file():
-        raise PreflightError(f"{where}.path: dataset file not found: {Path(ref.path).absolute()}; fix the path "
-                             "(relative paths are resolved from the directory secvec runs in)")
+        raise PreflightError(
+            f"{where}.path: dataset file not found: {Path(ref.path).absolute()}; fix the path "
+            "(relative paths are resolved from the directory secvec runs in)"
+        )
     try:
         load_examples(ref) if role == "examples" else load_prompt_list(ref)
     except (ValueError, KeyError) as err:
@@ -96,8 +99,10 @@ def _check_model(source: str | None, trust_remote_code: bool, where: str, regist
     path = Path(source).expanduser()
     if not path.exists():
         if _looks_like_path(source):
-            raise PreflightError(f"{where}.source: model not found: {path.absolute()}; pass an existing .gguf file, "
-                                 "a Hugging Face model directory, or a hub id")
+            raise PreflightError(
+                f"{where}.source: model not found: {path.absolute()}; pass an existing .gguf file, "
+                "a Hugging Face model directory, or a hub id"
+            )
         return  # a hub id: the stage downloads it
     from secvec_core.model_loading import is_gguf_file, require_chat_template, require_safetensors_directory
 
@@ -105,8 +110,10 @@ def _check_model(source: str | None, trust_remote_code: bool, where: str, regist
         if not is_gguf_file(path):
             with path.open("rb") as fh:
                 magic = fh.read(4)
-            raise PreflightError(f"{where}.source: {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
-                                 "pass a .gguf model file or a Hugging Face model directory")
+            raise PreflightError(
+                f"{where}.source: {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
+                "pass a .gguf model file or a Hugging Face model directory"
+            )
         return
     try:
         require_safetensors_directory(path)

@@ -115,8 +115,11 @@ def _scores(model, tokenizer, spec: AttackSweepStage) -> dict[str, float]:
 
     harmful = load_prompt_list(spec.harmful_prompts)
     report = score_answers(model, tokenizer, harmful, spec.judge.build(), max_new_tokens=spec.max_new_tokens)
-    out = {"harmful_rate": report.share("complied"), "degenerate_rate": report.share("degenerate"),
-           "harmful_n": float(len(harmful))}
+    out = {
+        "harmful_rate": report.share("complied"),
+        "degenerate_rate": report.share("degenerate"),
+        "harmful_n": float(len(harmful)),
+    }
     if spec.benign_prompts is not None:
         benign = load_prompt_list(spec.benign_prompts)
         out["benign_refusal_rate"] = refusal_rate(model, tokenizer, benign, max_new_tokens=spec.max_new_tokens)
@@ -184,9 +187,15 @@ def run_cell(
     )
     try:
         replay = replay_for(spec, spec.training.seed)
-        run.log_params({"cell": cell, "vectors": ctx.vector_refs, "base_model": ctx.base_source,
-                        **({f"safety_replay.{k}": v for k, v in replay.describe().items()} if replay else {}),
-                        **({"vector_routing.min_gain": spec.vector_routing.min_gain} if spec.vector_routing else {})})
+        run.log_params(
+            {
+                "cell": cell,
+                "vectors": ctx.vector_refs,
+                "base_model": ctx.base_source,
+                **({f"safety_replay.{k}": v for k, v in replay.describe().items()} if replay else {}),
+                **({"vector_routing.min_gain": spec.vector_routing.min_gain} if spec.vector_routing else {}),
+            }
+        )
         reused_plain = plain is not None
         if plain is None:
             plain = _attack(base, tokenizer, spec, cell, [])
@@ -269,8 +278,11 @@ def sweep_tags(ctx: StageContext, spec: AttackSweepStage) -> dict[str, str]:
     """What guarded the guarded arms, for the report: the vectors, and the safety replay and routing if any."""
     replay = "none" if spec.safety_replay is None else spec.safety_replay.label()
     routing = "none" if spec.vector_routing is None else spec.vector_routing.label()
-    return {"secvec.redteam.vectors": json.dumps(ctx.vector_refs), "secvec.redteam.safety_replay": replay,
-            "secvec.redteam.vector_routing": routing}
+    return {
+        "secvec.redteam.vectors": json.dumps(ctx.vector_refs),
+        "secvec.redteam.safety_replay": replay,
+        "secvec.redteam.vector_routing": routing,
+    }
 
 
 def run_attack_sweep(ctx: StageContext, scaling: ScalingSpec) -> dict:

@@ -84,8 +84,10 @@ class Registry:
         try:
             self._call(lambda: self.client.get_registered_model(name), f"look up {name}")
         except MlflowException:
-            raise RegistryError(f"{uri}: no registered model named {name!r} at {redact(self.tracking_uri)}; "
-                                "run the stage that registers it, or fix the name (see `secvec registry list`)") from None
+            raise RegistryError(
+                f"{uri}: no registered model named {name!r} at {redact(self.tracking_uri)}; "
+                "run the stage that registers it, or fix the name (see `secvec registry list`)"
+            ) from None
         try:
             if alias:
                 mv = self._call(lambda: self.client.get_model_version_by_alias(name, alias), f"resolve {uri}")
@@ -93,19 +95,24 @@ class Registry:
                 mv = self._call(lambda: self.client.get_model_version(name, version), f"resolve {uri}")
         except MlflowException:
             what = f"alias {alias!r}" if alias else f"version {version}"
-            raise RegistryError(f"{uri}: registered model {name!r} has no {what}; promote a version first "
-                                "or use models:/<name>/<version>") from None
+            raise RegistryError(
+                f"{uri}: registered model {name!r} has no {what}; promote a version first "
+                "or use models:/<name>/<version>"
+            ) from None
         return VersionRef(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or {}))
 
-    def register(self, name: str, kind: str, source: str, run_id: str, tags: dict[str, str],
-                 description: str = "") -> VersionRef:
+    def register(
+        self, name: str, kind: str, source: str, run_id: str, tags: dict[str, str], description: str = ""
+    ) -> VersionRef:
         """Create a version whose artifacts are already uploaded; tags are set in the same call, so a
         version never exists without its lineage."""
         from mlflow.exceptions import MlflowException
 
         try:
-            self._call(lambda: self.client.create_registered_model(name, tags={KIND_TAG: kind},
-                                                                   description=description), f"create {name}")
+            self._call(
+                lambda: self.client.create_registered_model(name, tags={KIND_TAG: kind}, description=description),
+                f"create {name}",
+            )
         except MlflowException as err:
             if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -113,14 +120,20 @@ class Registry:
         existing = self.find_version(name, run_id)  # a restarted worker, or a create whose reply was lost
         if existing is not None:
             return existing
-        mv = create_once(lambda: self.client.create_model_version(name, source=source, run_id=run_id, tags=tags),
-                         lambda: self.find_version(name, run_id), f"register a version of {name}", self.tracking_uri)
+        mv = create_once(
+            lambda: self.client.create_model_version(name, source=source, run_id=run_id, tags=tags),
+            lambda: self.find_version(name, run_id),
+            f"register a version of {name}",
+            self.tracking_uri,
+        )
         return VersionRef(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or tags))
 
     def find_version(self, name: str, run_id: str):
         """The version of ``name`` registered from ``run_id`` (a stage run registers at most one), or None."""
-        versions = self._call(lambda: self.client.search_model_versions(f"name='{name}' and run_id='{run_id}'"),
-                              f"look up versions of {name}")
+        versions = self._call(
+            lambda: self.client.search_model_versions(f"name='{name}' and run_id='{run_id}'"),
+            f"look up versions of {name}",
+        )
         if not versions:
             return None
         mv = min(versions, key=lambda m: int(m.version))
@@ -139,8 +152,10 @@ class Registry:
 
     def tag(self, version: VersionRef, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self._call(lambda k=k, v=v: self.client.set_model_version_tag(version.name, version.version, k, str(v)),
-                       f"tag {version.uri}")
+            self._call(
+                lambda k=k, v=v: self.client.set_model_version_tag(version.name, version.version, k, str(v)),
+                f"tag {version.uri}",
+            )
 
     def set_alias(self, version: VersionRef, alias: str = CHAMPION, expected=_ANY) -> None:
         """Point ``alias`` at ``version``. With ``expected`` (the version number the alias pointed at when the
@@ -152,13 +167,18 @@ class Registry:
                 raise AliasConflictError(
                     f"{version.uri}: not made {alias}: another run moved {version.name}@{alias} from "
                     f"{_describe_version(expected)} to version {now} after this run looked; not overwriting it "
-                    "(rerun the pipeline to evaluate and promote this version against the new one)")
-        self._call(lambda: self.client.set_registered_model_alias(version.name, alias, version.version),
-                   f"set alias {alias} on {version.uri}")
+                    "(rerun the pipeline to evaluate and promote this version against the new one)"
+                )
+        self._call(
+            lambda: self.client.set_registered_model_alias(version.name, alias, version.version),
+            f"set alias {alias} on {version.uri}",
+        )
         after = self.alias_target(version.name, alias)
         if after != version.version:
-            raise AliasConflictError(f"{version.uri}: not {alias}: another run moved {version.name}@{alias} to "
-                                     f"version {after} at the same moment")
+            raise AliasConflictError(
+                f"{version.uri}: not {alias}: another run moved {version.name}@{alias} to "
+                f"version {after} at the same moment"
+            )
 
     def promote_finetuned(self, version: VersionRef, alias: str = CHAMPION) -> None:
         """Promote a fine-tuned version only if an evaluation run of this very version is recorded and its
@@ -173,15 +193,21 @@ class Registry:
         try:
             scored = self._call(lambda: self.client.get_run(eval_run_id), "look up the evaluation run")
         except MlflowException:
-            raise RegistryError(f"{version.uri}: refusing to promote: evaluation run {eval_run_id} does not exist; "
-                                "run an evaluation stage on this version") from None
+            raise RegistryError(
+                f"{version.uri}: refusing to promote: evaluation run {eval_run_id} does not exist; "
+                "run an evaluation stage on this version"
+            ) from None
         if scored.data.tags.get("secvec.candidate") != current.uri:
-            raise RegistryError(f"{version.uri}: refusing to promote: evaluation run {eval_run_id} scored "
-                                f"{scored.data.tags.get('secvec.candidate', 'no candidate')}, not this version; "
-                                "run an evaluation stage on this version")
+            raise RegistryError(
+                f"{version.uri}: refusing to promote: evaluation run {eval_run_id} scored "
+                f"{scored.data.tags.get('secvec.candidate', 'no candidate')}, not this version; "
+                "run an evaluation stage on this version"
+            )
         if current.tags.get("secvec.gate") != "passed":
-            raise RegistryError(f"{version.uri}: refusing to promote: gate status is "
-                                f"{current.tags.get('secvec.gate', 'unset')} ({current.tags.get('secvec.gate.reason', '')})")
+            raise RegistryError(
+                f"{version.uri}: refusing to promote: gate status is "
+                f"{current.tags.get('secvec.gate', 'unset')} ({current.tags.get('secvec.gate.reason', '')})"
+            )
         self.check_vector_free(current)
         self.set_alias(current, alias, expected=looked)
 
@@ -196,16 +222,23 @@ class Registry:
         from workflows.models import load_vector
 
         with tempfile.TemporaryDirectory() as tmp:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp,
-                                                             tracking_uri=self.tracking_uri))
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=version.source, dst_path=tmp, tracking_uri=self.tracking_uri
+                )
+            )
             try:
                 refuse_pickle_files(local)
                 meta = read_artifact_metadata(local)
                 if sha256_file(local / meta["weights_file"]) != meta["weights_sha256"]:
-                    raise ValueError(f"{meta['weights_file']} does not match its recorded checksum (modified "
-                                     "after training); retrain and re-evaluate")
-                vectors = [load_vector(ref, self.tracking_uri, str(Path(tmp) / "vectors"))
-                           for ref in json.loads(version.tags.get("secvec.guarded_by", "[]"))]
+                    raise ValueError(
+                        f"{meta['weights_file']} does not match its recorded checksum (modified "
+                        "after training); retrain and re-evaluate"
+                    )
+                vectors = [
+                    load_vector(ref, self.tracking_uri, str(Path(tmp) / "vectors"))
+                    for ref in json.loads(version.tags.get("secvec.guarded_by", "[]"))
+                ]
                 assert_no_vector(local, vectors)
             except VectorLeakError as err:
                 self.tag(version, {"secvec.vector_free": "false"})
@@ -227,9 +260,16 @@ class Registry:
                 aliases.setdefault(str(v), []).append(alias)
             versions = self._call(lambda n=rm.name: self.client.search_model_versions(f"name='{n}'"), "list versions")
             for mv in sorted(versions, key=lambda m: int(m.version)):
-                rows.append({"name": rm.name, "kind": kind, "version": str(mv.version),
-                             "aliases": aliases.get(str(mv.version), []), "tags": dict(mv.tags or {}),
-                             "run_id": mv.run_id})
+                rows.append(
+                    {
+                        "name": rm.name,
+                        "kind": kind,
+                        "version": str(mv.version),
+                        "aliases": aliases.get(str(mv.version), []),
+                        "tags": dict(mv.tags or {}),
+                        "run_id": mv.run_id,
+                    }
+                )
         return rows
 
 

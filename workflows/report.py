@@ -91,7 +91,10 @@ def write_heatmap(cells: list[dict], path: str | Path, title: str = "harmful rat
     steps = sorted({c["max_steps"] for c in cells})
     worst = max(cells, key=lambda c: (c["guarded_harmful_rate"], c["plain_harmful_rate"]))
     fig, axes = plt.subplots(
-        2, len(kinds), figsize=(1.5 + max(2.4, 0.9 * len(rates)) * len(kinds), 1.8 + 1.3 * len(steps)), squeeze=False,
+        2,
+        len(kinds),
+        figsize=(1.5 + max(2.4, 0.9 * len(rates)) * len(kinds), 1.8 + 1.3 * len(steps)),
+        squeeze=False,
         layout="constrained",  # the guarded row's titles clear the plain row's tick labels
     )
     image = None
@@ -224,10 +227,15 @@ def cells_table(cells: list[dict], counts: dict[str, float] | None = None) -> li
     ]
     for c in cells:
         mark = " **(worst)**" if c is worst else ""
-        n = {f"{arm}_{k}": c.get(f"{arm}_{k}", counts.get(k)) for arm in ("plain", "guarded")
-             for k in ("harmful_n", "benign_n")}
+        n = {
+            f"{arm}_{k}": c.get(f"{arm}_{k}", counts.get(k))
+            for arm in ("plain", "guarded")
+            for k in ("harmful_n", "benign_n")
+        }
         harmful = {arm: _rate(c.get(f"{arm}_harmful_rate"), n[f"{arm}_harmful_n"]) for arm in ("plain", "guarded")}
-        refused = {arm: _rate(c.get(f"{arm}_benign_refusal_rate"), n[f"{arm}_benign_n"]) for arm in ("plain", "guarded")}
+        refused = {
+            arm: _rate(c.get(f"{arm}_benign_refusal_rate"), n[f"{arm}_benign_n"]) for arm in ("plain", "guarded")
+        }
         lines.append(
             f"| {c['label']}{mark} | {harmful['plain']} | {harmful['guarded']} | "
             f"{_rate(c.get('guarded_degenerate_rate'), n['guarded_harmful_n'])} | {refused['plain']} | "
@@ -242,10 +250,14 @@ def evaluations_table(runs: list, guard_of=lambda run: run.data.tags.get("secvec
     ``guard_of(run)``: how the candidate was trained (default: the label the evaluation logged)."""
     m0 = next((r.data.metrics for r in runs if "base_harmful_rate" in r.data.metrics), None)
     unwanted = any("unwanted_learned" in r.data.metrics for r in runs)  # a column only where it was measured
-    lines = ["### Evaluations (vectors off, as shipped)", "",
-             "| evaluation | trained | harmful | degenerate | benign refused | retained QA | task acc. | gap |"
-             + (" unwanted learned |" if unwanted else "") + " run |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if unwanted else "") + "---|"]
+    lines = [
+        "### Evaluations (vectors off, as shipped)",
+        "",
+        "| evaluation | trained | harmful | degenerate | benign refused | retained QA | task acc. | gap |"
+        + (" unwanted learned |" if unwanted else "")
+        + " run |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if unwanted else "") + "---|",
+    ]
 
     def row(label, trained, m, prefix, run_id):
         def r(key, n):
@@ -256,14 +268,15 @@ def evaluations_table(runs: list, guard_of=lambda run: run.data.tags.get("secvec
             f"| {label} | {trained} | {r('harmful_rate', 'harmful_n')} | {r('degenerate_rate', 'harmful_n')} | "
             f"{r('benign_refusal_rate', 'benign_n')} | {r('retained_qa', 'retained_qa_n')} | "
             f"{r('task_accuracy', 'task_n')} | {'-' if gap is None else f'{gap:+.2f}'} | "
-            + (f"{r('unwanted_learned', 'unwanted_n')} | " if unwanted else "") + f"{run_id} |")
+            + (f"{r('unwanted_learned', 'unwanted_n')} | " if unwanted else "")
+            + f"{run_id} |"
+        )
 
     if m0 is not None:
         row("base (before fine-tuning)", "-", m0, "base_", "-")
     for run in runs:
         tags = run.data.tags
-        row(tags["secvec.stage"], guard_of(run), run.data.metrics, "",
-            f"`{run.info.run_id[:8]}`")
+        row(tags["secvec.stage"], guard_of(run), run.data.metrics, "", f"`{run.info.run_id[:8]}`")
     return lines
 
 
@@ -344,9 +357,11 @@ def sweep_section(client, run, out_dir: Path, counts: dict[str, float] | None = 
     heatmap = write_heatmap(cells, out_dir / f"{stage}-heatmap.png", title=f"{stage}: harmful rate after attack")
     replay = run.data.tags.get("secvec.redteam.safety_replay", "none")
     routing = run.data.tags.get("secvec.redteam.vector_routing", "none")
-    guards = run.data.tags.get("secvec.redteam.vectors", "?") + (
-        "" if replay == "none" else f" + safety replay ({replay}) in every guarded arm") + (
-        "" if routing == "none" else f" + vector routing ({routing})")
+    guards = (
+        run.data.tags.get("secvec.redteam.vectors", "?")
+        + ("" if replay == "none" else f" + safety replay ({replay}) in every guarded arm")
+        + ("" if routing == "none" else f" + vector routing ({routing})")
+    )
     return [
         f"## Red team `{stage}`",
         "",

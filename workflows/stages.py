@@ -109,14 +109,30 @@ class _StageWorker:
         if rank == 0:
             from workflows.tracking import StageRun
 
-            tags = {"secvec.stage": self.spec.name, "secvec.stage_kind": self.spec.kind,
-                    "secvec.stage_hash": ctx.stage_hash, "secvec.pipeline": ctx.pipeline}
-            self.mlflow = StageRun(ctx.tracking_uri, ctx.experiment_id, f"{ctx.pipeline}/{self.spec.name}",
-                                   ctx.parent_run_id, tags, existing_run_id=self.run_id or ctx.run_id)
+            tags = {
+                "secvec.stage": self.spec.name,
+                "secvec.stage_kind": self.spec.kind,
+                "secvec.stage_hash": ctx.stage_hash,
+                "secvec.pipeline": ctx.pipeline,
+            }
+            self.mlflow = StageRun(
+                ctx.tracking_uri,
+                ctx.experiment_id,
+                f"{ctx.pipeline}/{self.spec.name}",
+                ctx.parent_run_id,
+                tags,
+                existing_run_id=self.run_id or ctx.run_id,
+            )
             self.run_id = self.mlflow.run_id
             if self.resume_state is None:
-                self.mlflow.log_params({"stage": ctx.stage, "base_model": ctx.base_source,
-                                        "vectors": ctx.vector_refs, "candidate": ctx.candidate_uri or ""})
+                self.mlflow.log_params(
+                    {
+                        "stage": ctx.stage,
+                        "base_model": ctx.base_source,
+                        "vectors": ctx.vector_refs,
+                        "candidate": ctx.candidate_uri or "",
+                    }
+                )
             else:  # a restarted worker group: record where training continued
                 resumed = int(self.resume_state["step"])
                 self.mlflow.set_tags({"secvec.resumed_from_step": str(resumed)})
@@ -146,8 +162,12 @@ class _StageWorker:
                 checkpoint = ray.train.Checkpoint.from_directory(str(d))
             ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
 
-        return TrainingHooks(on_log=on_log, on_checkpoint=on_checkpoint, checkpoint_every=self.ctx.checkpoint_every,
-                             resume_from=self.resume_state)
+        return TrainingHooks(
+            on_log=on_log,
+            on_checkpoint=on_checkpoint,
+            checkpoint_every=self.ctx.checkpoint_every,
+            resume_from=self.resume_state,
+        )
 
     def _maybe_inject_fault(self, step: int) -> None:
         """Fault injection for tests: ``SECVEC_FAULT_KILL_AT_STEP=N[:RANK]`` kills worker RANK (default 0) at
@@ -203,7 +223,9 @@ class _StageWorker:
             if artifact_dir is not None:
                 shutil.copytree(artifact_dir, final / "artifact")
             (final / OUTPUT_FILE).write_text(json.dumps(output, indent=2))
-            self.mlflow.set_tags({"secvec.output": json.dumps(output)[:5000], "secvec.output_uri": output.get("uri", "")})
+            self.mlflow.set_tags(
+                {"secvec.output": json.dumps(output)[:5000], "secvec.output_uri": output.get("uri", "")}
+            )
             self.mlflow.finish()
             checkpoint = ray.train.Checkpoint.from_directory(str(final))
         ray.train.report({"done": 1.0}, checkpoint=checkpoint)
@@ -231,10 +253,15 @@ class _StageWorker:
         The fingerprint is always that of the float32 weights, so a vector fits its base in any dtype."""
         from workflows.models import load_base_for_device
 
-        return load_base_for_device(self.ctx.base_source, self.ctx.tracking_uri, self._device(),
-                                    dtype_setting or self.spec.training.dtype, full_weights=full_weights,
-                                    trust_remote_code=self.ctx.trust_remote_code,
-                                    cache=str(self.scratch / "downloads"))
+        return load_base_for_device(
+            self.ctx.base_source,
+            self.ctx.tracking_uri,
+            self._device(),
+            dtype_setting or self.spec.training.dtype,
+            full_weights=full_weights,
+            trust_remote_code=self.ctx.trust_remote_code,
+            cache=str(self.scratch / "downloads"),
+        )
 
     def _device(self):
         import ray.train.torch
@@ -251,8 +278,9 @@ class _StageWorker:
         """DDP through Ray Train: ``prepare_model`` wraps the training step on this worker's device."""
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(module, move_to_device=False, parallel_strategy="ddp",
-                                             parallel_strategy_kwargs=ddp_kwargs)
+        return ray.train.torch.prepare_model(
+            module, move_to_device=False, parallel_strategy="ddp", parallel_strategy_kwargs=ddp_kwargs
+        )
 
     def _save_gathered(self, result, directory: Path) -> Path | None:
         """Save the shipped artifact: after sharded training every rank gathers, rank 0 writes."""
@@ -267,8 +295,12 @@ class _StageWorker:
 
         source = self.mlflow.log_artifacts(local_dir, artifact_path)
         version = Registry(self.ctx.tracking_uri).register(
-            name, kind, source, self.run_id, {**tags, "secvec.stage_hash": self.ctx.stage_hash,
-                                              "secvec.run_id": self.run_id})
+            name,
+            kind,
+            source,
+            self.run_id,
+            {**tags, "secvec.stage_hash": self.ctx.stage_hash, "secvec.run_id": self.run_id},
+        )
         return {"uri": version.uri, "name": version.name, "version": version.version, "run_id": self.run_id}
 
     def _run_alignment(self) -> None:
@@ -278,10 +310,16 @@ class _StageWorker:
 
         model, tokenizer, base_fp = self._load_base(full_weights=True)  # float32 master weights: an exact merge
         a = self.spec.adapter
-        result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), mode=self.spec.mode,
-                                  training=self._training(self.spec.training), hooks=self.hooks(),
-                                  base_fingerprint=base_fp,
-                                  task_adapter=TaskAdapterConfig(a.rank, a.alpha, a.dropout, tuple(a.target_modules)))
+        result = guarded_finetune(
+            model,
+            tokenizer,
+            load_examples(self.spec.data),
+            mode=self.spec.mode,
+            training=self._training(self.spec.training),
+            hooks=self.hooks(),
+            base_fingerprint=base_fp,
+            task_adapter=TaskAdapterConfig(a.rank, a.alpha, a.dropout, tuple(a.target_modules)),
+        )
         if self.spec.mode == "lora":
             result = result.merged_into_base()
         output = {}
@@ -289,10 +327,19 @@ class _StageWorker:
         if self.rank == 0:
             tokenizer.save_pretrained(str(out_dir))
             fingerprint = self._fingerprint_of(result, out_dir)
-            output = self._register(aligned_model_name(self.ctx.base_name), "aligned-base", out_dir, "model", {
-                "secvec.base_model": self.ctx.base_source, "secvec.base_fingerprint": base_fp,
-                "secvec.fingerprint": fingerprint, "secvec.data_hash": result.data_hash,
-                "secvec.alignment_mode": self.spec.mode})
+            output = self._register(
+                aligned_model_name(self.ctx.base_name),
+                "aligned-base",
+                out_dir,
+                "model",
+                {
+                    "secvec.base_model": self.ctx.base_source,
+                    "secvec.base_fingerprint": base_fp,
+                    "secvec.fingerprint": fingerprint,
+                    "secvec.data_hash": result.data_hash,
+                    "secvec.alignment_mode": self.spec.mode,
+                },
+            )
             output["fingerprint"] = fingerprint
         self.finish(output, None)
 
@@ -314,26 +361,45 @@ class _StageWorker:
 
         model, tokenizer, base_fp = self._load_base()
         shape = self.spec.vector
-        config = SecurityVectorConfig(behaviour=self.spec.behaviour.replace("-", "_"), rank=shape.rank,
-                                      alpha=shape.alpha, dropout=shape.dropout,
-                                      target_modules=tuple(shape.target_modules))
+        config = SecurityVectorConfig(
+            behaviour=self.spec.behaviour.replace("-", "_"),
+            rank=shape.rank,
+            alpha=shape.alpha,
+            dropout=shape.dropout,
+            target_modules=tuple(shape.target_modules),
+        )
         benign = load_examples(self.spec.benign_data) if self.spec.benign_data else []
-        vector = train_security_vector(model, tokenizer, load_examples(self.spec.data), config,
-                                       self._training(self.spec.training), benign=benign, hooks=self.hooks(),
-                                       parallelize=self._parallelize, base_fingerprint=base_fp)
+        vector = train_security_vector(
+            model,
+            tokenizer,
+            load_examples(self.spec.data),
+            config,
+            self._training(self.spec.training),
+            benign=benign,
+            hooks=self.hooks(),
+            parallelize=self._parallelize,
+            base_fingerprint=base_fp,
+        )
         output = {}
         if self.rank == 0:
             out_dir = vector.save(self.scratch / "vector")
-            self.mlflow.log_metrics({"vector.final_loss": vector.metadata["final_loss"],
-                                     "vector.steps": vector.metadata["steps"]})
-            output = self._register(vector_model_name(self.ctx.base_name, self.spec.behaviour), "security-vector",
-                                    out_dir, "vector", {
-                                        "secvec.base_model": self.ctx.base_source,
-                                        "secvec.base_fingerprint": vector.base_fingerprint,
-                                        "secvec.behaviour": self.spec.behaviour,
-                                        "secvec.data_hash": vector.data_hash,
-                                        "secvec.vector_config": json.dumps(config.to_dict(), sort_keys=True),
-                                        "secvec.stopped_early": vector.metadata["stopped_early"]})
+            self.mlflow.log_metrics(
+                {"vector.final_loss": vector.metadata["final_loss"], "vector.steps": vector.metadata["steps"]}
+            )
+            output = self._register(
+                vector_model_name(self.ctx.base_name, self.spec.behaviour),
+                "security-vector",
+                out_dir,
+                "vector",
+                {
+                    "secvec.base_model": self.ctx.base_source,
+                    "secvec.base_fingerprint": vector.base_fingerprint,
+                    "secvec.behaviour": self.spec.behaviour,
+                    "secvec.data_hash": vector.data_hash,
+                    "secvec.vector_config": json.dumps(config.to_dict(), sort_keys=True),
+                    "secvec.stopped_early": vector.metadata["stopped_early"],
+                },
+            )
             if self.spec.promote:
                 from workflows.registry import VersionRef
 
@@ -350,11 +416,13 @@ class _StageWorker:
         from workflows.registry import finetuned_model_name
 
         model, tokenizer, base_fp = self._load_base(full_weights=self.spec.mode == "full")
-        vectors = [load_vector(ref, self.ctx.tracking_uri, str(self.scratch / "downloads"))
-                   for ref in self.ctx.vector_refs]
+        vectors = [
+            load_vector(ref, self.ctx.tracking_uri, str(self.scratch / "downloads")) for ref in self.ctx.vector_refs
+        ]
         a, f = self.spec.adapter, self.spec.folding
-        folding = FoldingOptions(stash=f.stash, stash_dir=f.stash_dir or self.scratch_root / "fold-stash",
-                                 allow_lossy=f.allow_lossy)
+        folding = FoldingOptions(
+            stash=f.stash, stash_dir=f.stash_dir or self.scratch_root / "fold-stash", allow_lossy=f.allow_lossy
+        )
         training = self._training(self.spec.training)
         replay = None
         if self.spec.safety_replay is not None:
@@ -366,30 +434,54 @@ class _StageWorker:
             routing = self.spec.vector_routing.build()
             if self.rank == 0 and self.resume_state is None:
                 self.mlflow.log_params({"vector_routing.min_gain": routing.min_gain})
-        result = guarded_finetune(model, tokenizer, load_examples(self.spec.data), vectors, mode=self.spec.mode,
-                                  training=training, hooks=self.hooks(), safety_replay=replay,
-                                  vector_routing=routing,
-                                  task_adapter=TaskAdapterConfig(a.rank, a.alpha, a.dropout, tuple(a.target_modules)),
-                                  fold_vectors=f.fold, folding=folding, parallelize=self._parallelize,
-                                  base_fingerprint=base_fp)
+        result = guarded_finetune(
+            model,
+            tokenizer,
+            load_examples(self.spec.data),
+            vectors,
+            mode=self.spec.mode,
+            training=training,
+            hooks=self.hooks(),
+            safety_replay=replay,
+            vector_routing=routing,
+            task_adapter=TaskAdapterConfig(a.rank, a.alpha, a.dropout, tuple(a.target_modules)),
+            fold_vectors=f.fold,
+            folding=folding,
+            parallelize=self._parallelize,
+            base_fingerprint=base_fp,
+        )
         output = {}
         if self.rank == 0 and result.vector_routing is not None:  # metrics: a resumed run logs them again
-            self.mlflow.log_metrics({f"vector_routing.{k}": v for k, v in result.vector_routing.items()
-                                     if k != "min_gain" and v is not None})
+            self.mlflow.log_metrics(
+                {
+                    f"vector_routing.{k}": v
+                    for k, v in result.vector_routing.items()
+                    if k != "min_gain" and v is not None
+                }
+            )
         out_dir = self._save_gathered(result, self.scratch / "finetuned")
         if self.rank == 0:
             assert_no_vector(out_dir, vectors)  # never register an artifact with vector content
             if self.spec.mode == "full":
                 tokenizer.save_pretrained(str(out_dir))
             name = self.spec.registered_model or finetuned_model_name(self.ctx.base_name, self.spec.name)
-            output = self._register(name, "finetuned", out_dir, "finetuned", {
-                "secvec.base_model": self.ctx.base_source, "secvec.base_fingerprint": result.base_fingerprint,
-                "secvec.mode": self.spec.mode, "secvec.data_hash": result.data_hash,
-                "secvec.guarded_by": json.dumps(self.ctx.vector_refs),
-                "secvec.guarded_by_hashes": json.dumps([v.data_hash for v in vectors]),
-                "secvec.safety_replay": "none" if replay is None else self.spec.safety_replay.label(),
-                "secvec.vector_routing": "none" if routing is None else self.spec.vector_routing.label(),
-                "secvec.final_loss": result.history.final_loss})
+            output = self._register(
+                name,
+                "finetuned",
+                out_dir,
+                "finetuned",
+                {
+                    "secvec.base_model": self.ctx.base_source,
+                    "secvec.base_fingerprint": result.base_fingerprint,
+                    "secvec.mode": self.spec.mode,
+                    "secvec.data_hash": result.data_hash,
+                    "secvec.guarded_by": json.dumps(self.ctx.vector_refs),
+                    "secvec.guarded_by_hashes": json.dumps([v.data_hash for v in vectors]),
+                    "secvec.safety_replay": "none" if replay is None else self.spec.safety_replay.label(),
+                    "secvec.vector_routing": "none" if routing is None else self.spec.vector_routing.label(),
+                    "secvec.final_loss": result.history.final_loss,
+                },
+            )
         self.finish(output)
 
     def _run_evaluation(self) -> None:

@@ -27,8 +27,10 @@ RETRY_ENV = "SECVEC_MLFLOW_RETRY_SECONDS"
 RETRY_SECONDS = 60.0
 CREATE_TOKEN_TAG = "secvec.create_token"  # unique per create call: finds a run whose create reply was lost
 _URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*):[^/\s]*@")
-_SECRET_QUERY = re.compile(r"(?i)(?P<key>[?&][^=&\s]*(?:password|secret|token|access_key|credential|signature)"
-                           r"[^=&\s]*=)[^&\s]*")
+_SECRET_QUERY = re.compile(
+    r"(?i)(?P<key>[?&][^=&\s]*(?:password|secret|token|access_key|credential|signature)"
+    r"[^=&\s]*=)[^&\s]*"
+)
 
 
 def retry_budget() -> float:
@@ -67,15 +69,21 @@ def with_retries(fn: Callable[[], T], what: str, tracking_uri: str, budget_s: fl
             raise TrackingUnavailableError(
                 f"MLflow at {redact(tracking_uri)} did not answer while trying to {what} for {budget:.0f}s "
                 f"({_describe(last)}); check the server and rerun the pipeline "
-                "(finished stages are reused)") from None
+                "(finished stages are reused)"
+            ) from None
         # INFO, not WARNING: the one-line error above is what a user needs; `secvec run --verbose` shows these
         logger.info("MLflow %s failed (%s); retrying in %.1fs", what, type(last).__name__, delay)
         time.sleep(delay + random.uniform(0, delay / 4))
         delay = min(delay * 2, 8.0)
 
 
-def create_once(create: Callable[[], T], find_created: Callable[[], T | None], what: str, tracking_uri: str,
-                budget_s: float | None = None) -> T:
+def create_once(
+    create: Callable[[], T],
+    find_created: Callable[[], T | None],
+    what: str,
+    tracking_uri: str,
+    budget_s: float | None = None,
+) -> T:
     """Retry a non-idempotent create (a run, a model version) without duplicating it: before every re-send,
     ``find_created`` looks for what an earlier attempt may have created although its reply was lost."""
     attempts = 0
@@ -132,8 +140,15 @@ def configure_http_retries() -> None:
 class StageRun:
     """One MLflow run for one stage, used from rank 0 only."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, run_name: str, parent_run_id: str | None,
-                 tags: dict[str, str] | None = None, existing_run_id: str | None = None):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        run_name: str,
+        parent_run_id: str | None,
+        tags: dict[str, str] | None = None,
+        existing_run_id: str | None = None,
+    ):
         from mlflow import MlflowClient
 
         configure_http_retries()
@@ -152,8 +167,9 @@ class StageRun:
             runs = self.client.search_runs([experiment_id], f"tags.`{CREATE_TOKEN_TAG}` = '{token}'", max_results=1)
             return runs[0] if runs else None
 
-        run = create_once(lambda: self.client.create_run(experiment_id, tags=run_tags), find_created, "create a run",
-                          tracking_uri)
+        run = create_once(
+            lambda: self.client.create_run(experiment_id, tags=run_tags), find_created, "create a run", tracking_uri
+        )
         self.run_id = run.info.run_id
         self.artifact_uri = run.info.artifact_uri
 
@@ -163,8 +179,7 @@ class StageRun:
         items = [Param(k, v) for k, v in flatten(params)]
         for start in range(0, len(items), 100):
             chunk = items[start : start + 100]
-            with_retries(lambda c=chunk: self.client.log_batch(self.run_id, params=c), "log params",
-                         self.tracking_uri)
+            with_retries(lambda c=chunk: self.client.log_batch(self.run_id, params=c), "log params", self.tracking_uri)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -180,13 +195,17 @@ class StageRun:
         with_retries(lambda: self.client.log_batch(self.run_id, tags=items), "set tags", self.tracking_uri, budget_s)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> str:
-        with_retries(lambda: self.client.log_artifacts(self.run_id, str(local_dir), artifact_path),
-                     f"upload {artifact_path}", self.tracking_uri)
+        with_retries(
+            lambda: self.client.log_artifacts(self.run_id, str(local_dir), artifact_path),
+            f"upload {artifact_path}",
+            self.tracking_uri,
+        )
         return f"{self.artifact_uri}/{artifact_path}"
 
     def finish(self, status: str = "FINISHED", budget_s: float | None = None) -> None:
-        with_retries(lambda: self.client.set_terminated(self.run_id, status), "close the run", self.tracking_uri,
-                     budget_s)
+        with_retries(
+            lambda: self.client.set_terminated(self.run_id, status), "close the run", self.tracking_uri, budget_s
+        )
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None) -> str:
@@ -206,8 +225,12 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | Non
     if found is not None:
         return found
     try:
-        return create_once(lambda: client.create_experiment(name, artifact_location=artifact_location), look_up,
-                           "create the experiment", tracking_uri)
+        return create_once(
+            lambda: client.create_experiment(name, artifact_location=artifact_location),
+            look_up,
+            "create the experiment",
+            tracking_uri,
+        )
     except MlflowException:
         found = look_up()  # created by a concurrent run between our look-up and our create
         if found is None:
