@@ -326,8 +326,7 @@ def test_research_specs_reuse_the_paper_tables_stages_and_keep_two_families_from
     }
     for name, research in specs.items():
         shared = [n for n in research if n in table and table[n].kind != "evaluation"]
-        with_vector = name not in ("hallucination", "replay-alone")
-        needs = {"dna", "benign", "alignment-data", "align"} | ({"harm-vector"} if with_vector else set())
+        needs = {"dna", "benign", "alignment-data", "align"} | ({"harm-vector"} if name != "hallucination" else set())
         assert needs <= set(shared), name
         assert all(research[n] == table[n] for n in shared), name
         for other in set(specs) - {name}:
