@@ -32,6 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS_DIR, RESULTS_MD, provenance, provenance_markdown, write_section  # noqa: E402
 
+# A research spec's RESULTS title, by the prefix of its name: the first match wins ("replay-alone-" before "replay-").
+SECTION_TITLES = (
+    ("ablation-", "Ablation"),
+    ("matrix-", "Cross-family matrix"),
+    ("tasks-", "Erosion, tasks and hallucination"),
+    ("replay-alone-", "Safety replay alone"),
+    ("replay-", "Replay objectives"),
+    ("hallucination-", "Hallucination vector strength"),
+    ("routing-", "Vector routing"),
+)
+
 
 def _latest_pipeline_run(tracking_uri: str, name: str):
     from mlflow import MlflowClient
@@ -106,21 +117,7 @@ def main(argv: list[str]) -> None:
     title = (
         "Red team"
         if any(s.kind == "attack_sweep" for s in spec.stages)
-        else "Ablation"
-        if spec.name.startswith("ablation-")
-        else "Cross-family matrix"
-        if spec.name.startswith("matrix-")
-        else "Erosion, tasks and hallucination"
-        if spec.name.startswith("tasks-")
-        else "Safety replay alone"
-        if spec.name.startswith("replay-alone-")
-        else "Replay objectives"
-        if spec.name.startswith("replay-")
-        else "Hallucination vector strength"
-        if spec.name.startswith("hallucination-")
-        else "Vector routing"
-        if spec.name.startswith("routing-")
-        else "The paper's table"
+        else next((t for prefix, t in SECTION_TITLES if spec.name.startswith(prefix)), "The paper's table")
     )
     section = "\n".join(
         [
