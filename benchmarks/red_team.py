@@ -39,6 +39,7 @@ SECTION_TITLES = (
     ("tasks-", "Erosion, tasks and hallucination"),
     ("replay-alone-", "Safety replay alone"),
     ("replay-", "Replay objectives"),
+    ("hallucination-anchor-", "Hallucination vector with an anchor"),
     ("hallucination-", "Hallucination vector strength"),
     ("routing-", "Vector routing"),
 )

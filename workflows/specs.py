@@ -27,6 +27,7 @@ BUILTIN_DATASETS = (
     "over-refusal",
     "general-qa",
     "fictional-facts",
+    "fictional-facts-heldout",
 )
 
 
