@@ -32,7 +32,15 @@ from secvec_core.artifacts import (
     write_json,
 )
 from secvec_core.config import SecurityVectorConfig, TrainingConfig
-from secvec_core.data import Example, collate, dataset_hash, pad_token_id, to_examples, tokenize_examples
+from secvec_core.data import (
+    IGNORE_INDEX,
+    Example,
+    collate,
+    dataset_hash,
+    pad_token_id,
+    to_examples,
+    tokenize_examples,
+)
 from secvec_core.fingerprint import model_fingerprint
 from secvec_core.seeding import seeded
 from secvec_core.training import TrainingHistory, TrainingHooks, to_device, train_loop
@@ -154,6 +162,52 @@ def _kl_on_benign(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Ten
     return torch.sum(ref_logp.exp() * (ref_logp - cur_logp), dim=-1).mean()
 
 
+def _row_response_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of each row's response tokens, shape ``(rows,)``."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    per_token = nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return per_token.sum(dim=1) / (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+
+
+def _anchor_hinge(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How much the vector lowers the response loss of answers it must leave alone (nats per token, >= 0).
+
+    Why a hinge on the response loss and not the KL term: a vector that flattens the answer distribution lowers
+    the loss of *every* unlikely answer, the new facts a customer teaches as much as the fabrications it was
+    trained on; a KL averaged over all positions of a short question barely sees the one answer token. The hinge
+    is zero as long as the vector makes an anchor answer no more likely, and it only looks at the answer.
+    """
+    with torch.no_grad(), model.disable_adapter():
+        off = _row_response_nll(model, batch)
+    return torch.relu(off - _row_response_nll(model, batch)).mean()
+
+
+def _extra_terms(terms, tokenizer, training: TrainingConfig, pad: int):
+    """One extra loss for the training loop: each ``(weight, loss_fn, examples, seed)`` term on a batch of its own
+    rows, drawn with its own seeded generator (so adding a term leaves the other terms' batches unchanged)."""
+    prepared = [
+        (
+            weight,
+            fn,
+            tokenize_examples(tokenizer, rows, training.max_length, "truncate"),
+            torch.Generator().manual_seed(s),
+        )
+        for weight, fn, rows, s in terms
+    ]
+
+    def extra(m):
+        total = 0.0
+        for weight, fn, rows, generator in prepared:
+            idx = torch.randint(len(rows), (min(training.batch_size, len(rows)),), generator=generator).tolist()
+            total = total + weight * fn(m, to_device(collate([rows[i] for i in idx], pad), m))
+        return total
+
+    return extra
+
+
 def train_security_vector(
     model: nn.Module,
     tokenizer,
@@ -162,6 +216,8 @@ def train_security_vector(
     training: TrainingConfig | None = None,
     *,
     benign: Sequence[Example | dict] = (),
+    anchor: Sequence[Example | dict] = (),
+    anchor_weight: float = 1.0,
     hooks: TrainingHooks | None = None,
     parallelize=None,
     base_fingerprint: str | None = None,
@@ -170,13 +226,19 @@ def train_security_vector(
 
     The base weights stay frozen (bit-identical afterwards) and only the new LoRA adapter trains, with
     the loss on response tokens. Strength control: ``training.kl_weight`` (needs ``benign`` examples)
-    and ``training.target_loss`` stop the vector from distorting the rest of the model. The adapter is
-    removed from ``model`` afterwards, so the caller gets its model back unchanged.
+    and ``training.target_loss`` stop the vector from distorting the rest of the model. ``anchor`` rows are
+    answers the vector must not make more likely (for a hallucination vector: questions the base cannot know,
+    with the answer a customer would teach); each step adds ``anchor_weight`` times how much the vector lowers
+    their response loss (:func:`_anchor_hinge`). The adapter is removed from ``model`` afterwards, so the caller
+    gets its model back unchanged.
     """
+    if anchor and not anchor_weight > 0:
+        raise ValueError(f"anchor_weight must be positive when anchor rows are given, got {anchor_weight}")
     config = config or SecurityVectorConfig()
     training = training or TrainingConfig()
     examples = to_examples(examples)
     benign_examples = to_examples(benign) if benign else []
+    anchor_examples = to_examples(anchor) if anchor else []
     started = time.time()
     fingerprint = base_fingerprint or model_fingerprint(model)  # given: the float32 weights a bf16 copy came from
     if isinstance(model, PeftModel):
@@ -189,17 +251,12 @@ def train_security_vector(
         activate(peft_model, [config.adapter_name], trainable=[config.adapter_name])
         rows = tokenize_examples(tokenizer, examples, training.max_length, training.truncation)
         pad = pad_token_id(tokenizer)
-        extra = None
+        terms = []
         if training.kl_weight > 0 and benign_examples:
-            benign_rows = tokenize_examples(tokenizer, benign_examples, training.max_length, "truncate")
-            generator = torch.Generator().manual_seed(training.seed + 1)
-
-            def extra(m):
-                idx = torch.randint(
-                    len(benign_rows), (min(training.batch_size, len(benign_rows)),), generator=generator
-                ).tolist()
-                return training.kl_weight * _kl_on_benign(m, to_device(collate([benign_rows[i] for i in idx], pad), m))
-
+            terms.append((training.kl_weight, _kl_on_benign, benign_examples, training.seed + 1))
+        if anchor_examples:
+            terms.append((anchor_weight, _anchor_hinge, anchor_examples, training.seed + 2))
+        extra = _extra_terms(terms, tokenizer, training, pad) if terms else None
         history: TrainingHistory = train_loop(
             peft_model,
             rows,
@@ -226,6 +283,8 @@ def train_security_vector(
             "trainable_parameters": history.trainable_parameters,
             "final_loss": history.final_loss,
             "kl_weight": training.kl_weight if benign_examples else 0.0,
+            "anchor_weight": anchor_weight if anchor_examples else 0.0,
+            "num_anchor_examples": len(anchor_examples),
             "target_loss": training.target_loss,
             "training": training.to_dict(),
             "seconds": round(time.time() - started, 2),

@@ -20,7 +20,7 @@ from secvec_core import (
     model_fingerprint,
     train_security_vector,
 )
-from secvec_core.adapters import TASK_ADAPTER, activate, adapter_state, attach_adapter
+from secvec_core.adapters import TASK_ADAPTER, activate, adapter_state, attach_adapter, lora_config
 from secvec_core.data import encode_prompts
 
 FAST = TrainingConfig(learning_rate=3e-3, max_steps=6, batch_size=8, max_length=32, target_loss=None)
@@ -376,3 +376,66 @@ def test_library_calls_leave_the_callers_random_stream_alone(world, monkeypatch)
     a, b, c = (adapter_state(r.model, TASK_ADAPTER) for r in (result, again, other))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def _response_gain(model, vector, tokenizer, rows) -> float:
+    """Mean over rows of (response loss with the vector off) - (with it on), nats per token."""
+    from secvec_core.data import collate, pad_token_id, to_examples, tokenize_examples
+    from secvec_core.vectors import _row_response_nll
+
+    peft_model = vector.attach(copy.deepcopy(model))
+    activate(peft_model, [vector.name])
+    peft_model.eval()
+    batch = collate(tokenize_examples(tokenizer, to_examples(rows), 32, "truncate"), pad_token_id(tokenizer))
+    with torch.no_grad():
+        on = _row_response_nll(peft_model, batch)
+        with peft_model.disable_adapter():
+            off = _row_response_nll(peft_model, batch)
+    return float((off - on).mean())
+
+
+def test_anchor_hinge_is_zero_for_an_untrained_vector_and_positive_once_it_lowers_the_loss(aligned, world):
+    """A fresh LoRA (B = 0) changes no logit, so the hinge is exactly zero; a vector trained on the same rows
+    lowers their loss, and the hinge then equals that drop (every row drops, so relu passes all of it)."""
+    from secvec_core.data import collate, pad_token_id, to_examples, tokenize_examples
+    from secvec_core.vectors import _anchor_hinge
+
+    model, tokenizer = aligned
+    rows = world.vector_examples(8)
+    batch = collate(tokenize_examples(tokenizer, to_examples(rows), 32, "truncate"), pad_token_id(tokenizer))
+    c = SecurityVectorConfig()
+    fresh = attach_adapter(copy.deepcopy(model), "probe", lora_config(c.rank, c.alpha, c.dropout, c.target_modules))
+    activate(fresh, ["probe"])
+    fresh.eval()
+    with torch.no_grad():
+        assert float(_anchor_hinge(fresh, batch)) == 0.0
+    vec = train_security_vector(model, tokenizer, rows, SecurityVectorConfig(), FAST)
+    trained = vec.attach(copy.deepcopy(model))
+    activate(trained, [vec.name])
+    trained.eval()
+    gain = _response_gain(model, vec, tokenizer, rows)
+    with torch.no_grad():
+        hinge = float(_anchor_hinge(trained, batch))
+    assert gain > 0.5, gain
+    assert hinge == pytest.approx(gain, rel=1e-4), (hinge, gain)
+
+
+def test_anchor_keeps_the_vector_from_lowering_the_anchored_answers(aligned, world):
+    """The hinge must change the vector: with its own rows as the anchor at weight 4 (each nat the vector takes
+    off costs four), it lowers their loss by at most a quarter of what the same vector does without it, over two
+    seeds; the metadata records the anchor."""
+    model, tokenizer = aligned
+    rows = world.vector_examples(10)
+    base = {"learning_rate": 3e-3, "max_steps": 20, "batch_size": 10, "max_length": 32, "target_loss": None}
+    for seed in (0, 1):
+        training = TrainingConfig(**base, seed=seed)
+        free = train_security_vector(model, tokenizer, rows, SecurityVectorConfig(), training)
+        held = train_security_vector(
+            model, tokenizer, rows, SecurityVectorConfig(), training, anchor=rows, anchor_weight=4.0
+        )
+        gains = {k: _response_gain(model, v, tokenizer, rows) for k, v in (("free", free), ("held", held))}
+        assert gains["free"] > 1.0 and gains["held"] <= 0.25 * gains["free"], (seed, gains)
+        assert held.metadata["anchor_weight"] == 4.0 and held.metadata["num_anchor_examples"] == 10
+        assert free.metadata["anchor_weight"] == 0.0 and free.metadata["num_anchor_examples"] == 0
+    with pytest.raises(ValueError, match="anchor_weight must be positive"):
+        train_security_vector(model, tokenizer, rows, SecurityVectorConfig(), training, anchor=rows, anchor_weight=0)

@@ -156,8 +156,9 @@ def test_replay_refuses_bad_settings(aligned, world):
 @pytest.mark.slow
 def test_replay_and_routing_settings_from_the_spec_land_in_mlflow(tmp_path):
     """Through the pipeline (local Ray, SQLite): the guarded fine-tune trains with replay (the KL objective, on a
-    Ray worker) and vector routing, and logs the settings of both and how many rows routing sent off. (One
-    pipeline run for both remedies: each run costs a Ray start.)"""
+    Ray worker) and vector routing, and logs the settings of both and how many rows routing sent off; the vector
+    trains with an anchor and logs its weight and rows. (One pipeline run for every remedy: each run costs a Ray
+    start.)"""
     from mlflow import MlflowClient
 
     from tests.e2e import small_pipeline
@@ -167,6 +168,7 @@ def test_replay_and_routing_settings_from_the_spec_land_in_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = small_pipeline(uri, tmp_path / "work", workers=1, name="replay")
     spec["stages"] = spec["stages"][:2]
+    spec["stages"][0]["anchor"] = {"data": {"builtin": "toy-facts", "limit": 6}, "weight": 2.0}
     spec["stages"][1]["safety_replay"] = {
         "data": {"builtin": "toy-alignment", "limit": 12},
         "rows_per_step": 3,
@@ -187,6 +189,9 @@ def test_replay_and_routing_settings_from_the_spec_land_in_mlflow(tmp_path):
     assert metrics["vector_routing.rows"] == 24 and 0 <= metrics["vector_routing.rows_vectors_off"] <= 24
     routing = {v.tags.get("secvec.vector_routing") for v in client.search_model_versions()}
     assert "rows gaining < 0.25 nats/token train vectors off" in routing
+    [vector_run] = client.search_runs([experiment.experiment_id], "tags.`secvec.stage` = 'vec'")
+    assert vector_run.data.params["vector.anchor_weight"] == "2.0"
+    assert vector_run.data.metrics["vector.anchor_rows"] == 6
 
 
 def test_replay_spec_objective_reaches_the_label_and_full_mode_is_refused_at_parse_time():

@@ -215,3 +215,21 @@ def test_routing_spec_reaches_the_label_refuses_bad_stages_and_leaves_old_hashes
     assert guard_label(tags) == (
         "vectors b.security-vector.harmful/1 + routing (rows gaining < 0.5 nats/token train vectors off)"
     )
+
+
+def test_vector_anchor_is_hashed_only_when_set_and_refuses_a_non_positive_weight():
+    """A vector stage without an anchor hashes as it did before the option existed (finished vectors are reused);
+    with one, the anchor's data and weight are part of the hash; a zero weight is refused at parse time."""
+    from pydantic import ValidationError
+
+    from workflows.specs import VectorTrainingStage, dataset_refs
+
+    stage = {"name": "vec", "kind": "vector_training", "data": {"builtin": "toy-harmful"}}
+    plain = VectorTrainingStage.model_validate(stage)
+    assert "anchor" not in plain.hash_fields()
+    anchored = VectorTrainingStage.model_validate({**stage, "anchor": {"data": {"stage": "facts"}}})
+    assert anchored.hash_fields()["anchor"]["weight"] == 1.0
+    assert anchored.hash_fields()["anchor"]["data"]["stage"] == "facts"
+    assert any(ref.stage == "facts" for _, ref in dataset_refs(anchored))  # the pipeline waits for that stage
+    with pytest.raises(ValidationError, match="greater than 0"):
+        VectorTrainingStage.model_validate({**stage, "anchor": {"data": {"builtin": "toy-facts"}, "weight": 0}})

@@ -321,8 +321,9 @@ def plan_stage(stage, spec: PipelineSpec, shape: ModelShape | None) -> StagePlan
         checkpointing=t.gradient_checkpointing,
         low_precision_weights=w_bytes < 4,
     )
-    if isinstance(stage, VectorTrainingStage) and stage.benign_data is not None and t.kl_weight > 0:
-        acts *= 2  # the KL term runs the model a second time in the same step
+    if isinstance(stage, VectorTrainingStage):
+        # the KL term and the anchor hinge each run the model again in the same step
+        acts *= 1 + (stage.benign_data is not None and t.kl_weight > 0) + (stage.anchor is not None)
     plan.parts["activations"] = acts
     if (
         isinstance(stage, GuardedFinetuneStage)

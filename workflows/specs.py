@@ -161,14 +161,30 @@ class AlignmentStage(StageBase):
     training: TrainingSpec = TrainingSpec()
 
 
+class VectorAnchorSpec(Strict):
+    """Answers the vector must not make more likely (see ``secvec_core.vectors._anchor_hinge``)."""
+
+    data: DatasetRef = Field(
+        ...,
+        description="Rows whose responses the vector must leave alone; for a hallucination vector, questions the "
+        "base model cannot know with the answers a customer would teach (new facts are not fabrications).",
+    )
+    weight: float = Field(1.0, gt=0, description="Weight of the hinge (nats per response token) in the vector's loss.")
+
+
 class VectorTrainingStage(StageBase):
     kind: Literal["vector_training"]
     behaviour: str = Field("harmful", pattern=r"^[a-z][a-z0-9_-]{0,30}$")
     data: DatasetRef = Field(..., description="~100 examples of the unwanted behaviour.")
     benign_data: DatasetRef | None = Field(None, description="Benign examples for the KL strength control.")
+    anchor: VectorAnchorSpec | None = Field(
+        None, description="Answers the vector is penalised for making more likely (off when unset)."
+    )
     vector: VectorShape = VectorShape()
     training: TrainingSpec = TrainingSpec()
     promote: bool = Field(True, description="Set the registry alias 'champion' on the new vector version.")
+
+    HASHED_ONLY_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"anchor"})
 
 
 class FoldingSpec(Strict):

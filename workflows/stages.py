@@ -369,6 +369,9 @@ class _StageWorker:
             target_modules=tuple(shape.target_modules),
         )
         benign = load_examples(self.spec.benign_data) if self.spec.benign_data else []
+        anchor = self.spec.anchor
+        if anchor is not None and self.rank == 0 and self.resume_state is None:
+            self.mlflow.log_params({"vector.anchor_weight": anchor.weight})
         vector = train_security_vector(
             model,
             tokenizer,
@@ -376,6 +379,8 @@ class _StageWorker:
             config,
             self._training(self.spec.training),
             benign=benign,
+            anchor=load_examples(anchor.data) if anchor else (),
+            anchor_weight=anchor.weight if anchor else 1.0,
             hooks=self.hooks(),
             parallelize=self._parallelize,
             base_fingerprint=base_fp,
@@ -384,7 +389,11 @@ class _StageWorker:
         if self.rank == 0:
             out_dir = vector.save(self.scratch / "vector")
             self.mlflow.log_metrics(
-                {"vector.final_loss": vector.metadata["final_loss"], "vector.steps": vector.metadata["steps"]}
+                {
+                    "vector.final_loss": vector.metadata["final_loss"],
+                    "vector.steps": vector.metadata["steps"],
+                    "vector.anchor_rows": vector.metadata["num_anchor_examples"],
+                }
             )
             output = self._register(
                 vector_model_name(self.ctx.base_name, self.spec.behaviour),
