@@ -16,6 +16,8 @@ RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 
 # Order of the sections in RESULTS.md; each is written by one script run into the results folder.
 SECTION_ORDER = (
+    "recipe-smollm2.md",  # benchmarks/red_team.py: the README's recipe against every target of issue 14, one run
+    "analysis-recipe-smollm2.md",  # written by hand after reading the recipe run
     "paper-table-smollm2.md",  # benchmarks/red_team.py: the paper's table through the pipeline
     "analysis-paper-table-smollm2.md",  # written by hand after reading the run
     "ablation-replay-smollm2.md",  # benchmarks/red_team.py: replay ablations reusing the paper table's stages

@@ -34,6 +34,7 @@ from benchmarks.common import RESULTS_DIR, RESULTS_MD, provenance, provenance_ma
 
 # A research spec's RESULTS title, by the prefix of its name: the first match wins ("replay-alone-" before "replay-").
 SECTION_TITLES = (
+    ("recipe-", "The recipe against every target"),
     ("ablation-", "Ablation"),
     ("matrix-", "Cross-family matrix"),
     ("tasks-", "Erosion, tasks and hallucination"),

@@ -323,7 +323,16 @@ def test_research_specs_reuse_the_paper_tables_stages_and_keep_two_families_from
     table = {s.name: s for s in load_spec(ROOT / "benchmarks/specs/paper-table-smollm2.yaml").stages}
     specs = {
         name: {s.name: s for s in load_spec(ROOT / f"benchmarks/specs/{name}-smollm2.yaml").stages}
-        for name in ("matrix", "tasks", "replay", "hallucination", "hallucination-anchor", "routing", "replay-alone")
+        for name in (
+            "matrix",
+            "tasks",
+            "replay",
+            "hallucination",
+            "hallucination-anchor",
+            "routing",
+            "replay-alone",
+            "recipe",
+        )
     }
     for name, research in specs.items():
         shared = [n for n in research if n in table and table[n].kind != "evaluation"]
@@ -368,6 +377,18 @@ def test_research_specs_reuse_the_paper_tables_stages_and_keep_two_families_from
         changed = {k for k, v in vector.model_dump().items() if v != base[k]} - {"name"}
         assert changed in ({"training"}, {"benign_data"}), (vector.name, changed)
     assert all(e.unwanted_data.stage == "capitals" for e in sweep.values() if e.kind == "evaluation")
+    recipe = specs["recipe"]  # every recipe row is its plain row + the harm vector + the aligned-KL replay
+    for row in (s for s in recipe.values() if s.kind == "guarded_finetune" and s.name.endswith("-recipe")):
+        if row.name == "hallucination-recipe":
+            assert [v.stage for v in row.vectors] == ["hallucination-vector"] and row.safety_replay is None
+            continue
+        assert [v.stage for v in row.vectors] == ["harm-vector"], row.name
+        assert (row.safety_replay.objective, row.safety_replay.weight) == ("aligned", 4.0), row.name
+        plain = recipe[row.name.replace("-recipe", "-plain")]
+        assert row.data == plain.data and row.training.max_steps in (
+            plain.training.max_steps,
+            2 * plain.training.max_steps,
+        )
     anchored = specs["hallucination-anchor"]  # the same vector with an anchor: never the customer's own task
     base = tasks["hallucination-vector"].model_dump()
     for vector in (s for s in anchored.values() if s.kind == "vector_training"):
