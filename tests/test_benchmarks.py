@@ -50,6 +50,24 @@ def test_task_rows_spec_runs_through_the_pipeline_and_reports_from_mlflow(tmp_pa
     )
     metrics = evaluation.data.metrics
     assert metrics["unwanted_n"] == 12 and 0 <= metrics["unwanted_learned"] <= 1 and "transfer_gap" in metrics
+    # benchmarks/vector_probe.py on the same run: the vector's loss drop on its own rows and on the new task
+    _run(
+        "vector_probe.py",
+        str(spec),
+        "--vector",
+        "hallucination-vector",
+        "--set",
+        "its own rows=stage:fabricated/vector",
+        "--set",
+        "new facts=builtin:toy-facts",
+        "--out-dir",
+        str(results),
+        cwd=tmp_path,
+    )
+    probe = {r["set"]: r for r in json.loads((results / "probe-tasks-tiny.json").read_text())}
+    assert probe["its own rows"]["rows"] == 12 and probe["new facts"]["rows"] == 24
+    assert probe["its own rows"]["median_drop"] > 1.0, probe  # a vector explains the rows it was trained on
+    assert "| `hallucination-vector` / its own rows | 12 |" in (results / "probe-tasks-tiny.md").read_text()
 
 
 def test_overhead_on_the_tiny_model(tmp_path):
