@@ -31,15 +31,6 @@ def _builtin(name: str) -> list[dict] | list[str]:
         return [
             {"prompt": f["prompt"], "response": f["response"]} for f in fictional_fact_task(20, 0, train_phrasings=1)[0]
         ]
-    if name == "fictional-facts-heldout":  # 20 other invented facts (seed 1, other people): an anchor, never a task
-        from secvec_core.harmful_targets import fictional_fact_task
-
-        task_names = {f["subject"] for f in fictional_fact_task(20, 0, train_phrasings=1)[0]}
-        return [
-            {"prompt": f["prompt"], "response": f["response"]}
-            for f in fictional_fact_task(40, 1, train_phrasings=1)[0]
-            if f["subject"] not in task_names
-        ][:20]
     world = ToyWorld(seed=0)
     table = {
         "toy-alignment": world.alignment_examples,

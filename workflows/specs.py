@@ -27,7 +27,6 @@ BUILTIN_DATASETS = (
     "over-refusal",
     "general-qa",
     "fictional-facts",
-    "fictional-facts-heldout",
 )
 
 
