@@ -30,8 +30,9 @@ SECTION_ORDER = (
     "analysis-replay-smollm2.md",  # written by hand after reading the replay rows
     "hallucination-smollm2.md",  # benchmarks/red_team.py: the hallucination vector's strength sweep
     "analysis-hallucination-smollm2.md",  # written by hand after reading the sweep
-    "hallucination-anchor-smollm2.md",  # benchmarks/red_team.py: the hallucination vector with an anchor in its KL
-    "analysis-hallucination-anchor-smollm2.md",  # written by hand after reading the anchor rows
+    "hallucination-anchor-smollm2.md",  # benchmarks/red_team.py: the hallucination vector with an anchor
+    "probe-hallucination-anchor-smollm2.md",  # benchmarks/vector_probe.py: each anchor vector's loss drop per set
+    "analysis-hallucination-anchor-smollm2.md",  # written by hand after reading the anchor rows and the probe
     "routing-smollm2.md",  # benchmarks/red_team.py: vector routing next to the same runs without it
     "analysis-routing-smollm2.md",  # written by hand after reading the routing rows
     "replay-alone-smollm2.md",  # benchmarks/red_team.py: the aligned-KL replay alone on the task and mixed runs
