@@ -47,7 +47,8 @@ HEADER = """# Benchmark results
 
 Produced by `benchmarks/red_team.py` (pipeline specs of `benchmarks/specs/`, run with `secvec run` and
 reported from MLflow: the paper's table, the research rows (cross-family matrix, erosion and tasks, replay objectives,
-hallucination, vector routing, replay alone), a replay ablation and a red-team sweep) and `benchmarks/overhead.py` (cost of the guard). Each section below was written by one run of a script and names the exact command,
+hallucination and its anchor, vector routing, replay alone), a replay ablation and a red-team sweep),
+`benchmarks/vector_probe.py` (what a vector does to each kind of answer's loss) and `benchmarks/overhead.py` (cost of the guard). Each section below was written by one run of a script and names the exact command,
 date, machine, seeds and code version that produced it; rerun the command to reproduce it. Sections
 are replaced by the next run of the same command, and this file is reassembled from
 `benchmarks/results/*.md` after every run.

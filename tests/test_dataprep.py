@@ -380,7 +380,7 @@ def test_research_specs_reuse_the_paper_tables_stages_and_keep_two_families_from
     recipe = specs["recipe"]  # every recipe row is its plain row + the harm vector + the aligned-KL replay
     for row in (s for s in recipe.values() if s.kind == "guarded_finetune" and s.name.endswith("-recipe")):
         if row.name == "hallucination-recipe":
-            assert [v.stage for v in row.vectors] == ["hallucination-vector"] and row.safety_replay is None
+            assert [v.stage for v in row.vectors] == ["hallucination-vector-contrast-w4"] and row.safety_replay is None
             continue
         assert [v.stage for v in row.vectors] == ["harm-vector"], row.name
         assert (row.safety_replay.objective, row.safety_replay.weight) == ("aligned", 4.0), row.name
