@@ -39,22 +39,31 @@ def _stage_output(client, experiment_id: str, stage: str) -> dict:
     return json.loads(runs[0].data.tags["secvec.output"])
 
 
-def _rows(ref: str, client, experiment_id: str) -> list[dict]:
-    kind, _, name = ref.partition(":")
-    if kind == "builtin":
-        from workflows.datasets import _builtin
+def _rows(ref: str, client, experiment_id: str, tracking_uri: str) -> list:
+    """The rows of one ``--set``, read the way pipeline stages read them (``workflows.datasets.load_examples``)."""
+    from pydantic import ValidationError
 
-        return list(_builtin(name))
-    if kind == "path":
-        return [json.loads(line) for line in Path(name).read_text().splitlines() if line.strip()]
+    from workflows.datasets import load_examples, stage_file_key, use_stage_outputs
+    from workflows.specs import DatasetRef
+
+    kind, _, name = ref.partition(":")
+    fields = {"builtin": {"builtin": name}, "path": {"path": name}}
     if kind == "stage":
         stage, _, split = name.partition("/")
         files = _stage_output(client, experiment_id, stage)["files"]
-        if not split and len(files) != 1:
+        split = split or (next(iter(files)) if len(files) == 1 else "")
+        if split not in files:
             raise SystemExit(f"vector_probe: stage {stage!r} has splits {sorted(files)}; name one as {stage}/SPLIT")
-        uri = files[split] if split else next(iter(files.values()))
-        return [json.loads(line) for line in Path(uri.removeprefix("file://")).read_text().splitlines() if line]
-    raise SystemExit(f"vector_probe: a set is builtin:NAME, stage:NAME[/SPLIT] or path:FILE, got {ref!r}")
+        use_stage_outputs({stage_file_key(stage, split): files[split]}, tracking_uri)
+        fields["stage"] = {"stage": stage, "split": split}
+    if kind not in fields:
+        raise SystemExit(f"vector_probe: a set is builtin:NAME, stage:NAME[/SPLIT] or path:FILE, got {ref!r}")
+    try:
+        return load_examples(DatasetRef(**fields[kind]))
+    except ValidationError as err:
+        raise SystemExit(f"vector_probe: set {ref!r}: {err.errors()[0]['msg']}") from None
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"vector_probe: set {ref!r}: {err}") from None
 
 
 def probe(spec_path: str, vectors: list[str], sets: list[tuple[str, str]]) -> list[dict]:
@@ -64,7 +73,7 @@ def probe(spec_path: str, vectors: list[str], sets: list[tuple[str, str]]) -> li
 
     from secvec_core import SecurityVector
     from secvec_core.adapters import activate
-    from secvec_core.data import pad_token_id, to_examples, tokenize_examples
+    from secvec_core.data import pad_token_id, tokenize_examples
     from secvec_core.routing import row_losses
     from workflows.models import load_base_model
     from workflows.pipeline import absolute_tracking_uri
@@ -76,6 +85,8 @@ def probe(spec_path: str, vectors: list[str], sets: list[tuple[str, str]]) -> li
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name(spec.tracking.experiment).experiment_id
     stages = {s.name: s for s in spec.stages}
+    examples = {label: _rows(ref, client, experiment_id, uri) for label, ref in sets}
+    bases: dict[str, tuple] = {}  # source -> (model, tokenizer, {label: (rows, losses off)}): vectors share a base
     out = []
     for vector_stage in vectors:
         stage = stages.get(vector_stage)
@@ -83,20 +94,25 @@ def probe(spec_path: str, vectors: list[str], sets: list[tuple[str, str]]) -> li
             raise SystemExit(f"vector_probe: {vector_stage!r} is not a vector_training stage of {spec.name}")
         base = stage.base_model or spec.base_model
         source = _stage_output(client, experiment_id, base.stage)["uri"] if base.stage else base.source
-        model, tokenizer = load_base_model(source, uri)
-        model.eval()
+        if source not in bases:
+            model, tokenizer = load_base_model(source, uri)
+            model.eval()
+            pad = pad_token_id(tokenizer)
+            measured = {}
+            for label, rows in examples.items():
+                tokenized = tokenize_examples(tokenizer, rows, 128, "truncate")
+                measured[label] = (tokenized, torch.tensor(row_losses(model, tokenized, pad, 8, f"base: {label}")))
+            bases[source] = (model, tokenizer, measured)
+        model, tokenizer, measured = bases[source]
+        pad = pad_token_id(tokenizer)
         vector = SecurityVector.load(
             mlflow.artifacts.download_artifacts(_stage_output(client, experiment_id, vector_stage)["uri"])
         )
         with_vector = vector.attach(copy.deepcopy(model))
         activate(with_vector, [vector.name])
         with_vector.eval()
-        pad = pad_token_id(tokenizer)
-        for label, ref in sets:
-            rows = tokenize_examples(tokenizer, to_examples(_rows(ref, client, experiment_id)), 128, "truncate")
+        for label, (rows, off) in measured.items():
             on = torch.tensor(row_losses(with_vector, rows, pad, 8, f"{vector_stage}: {label}"))
-            with with_vector.disable_adapter():
-                off = torch.tensor(row_losses(with_vector, rows, pad, 8, f"{vector_stage}: {label}"))
             out.append(
                 {
                     "vector": vector_stage,

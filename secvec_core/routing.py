@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from secvec_core.data import IGNORE_INDEX, ROUTE_FLAG, collate
+from secvec_core.data import ROUTE_FLAG, collate
 from secvec_core.replay import only_adapters
-from secvec_core.training import to_device
+from secvec_core.training import row_response_loss, to_device
 
 
 @dataclass
@@ -81,17 +81,7 @@ def row_losses(
     for start in tqdm(range(0, len(rows), batch_size), desc=description, leave=False):
         batch = to_device(collate(rows[start : start + batch_size], pad_token_id), model)
         with torch.no_grad():
-            logits = (
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-                .logits[:, :-1]
-                .float()
-            )
-        labels = batch["labels"][:, 1:]
-        per_token = nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        counts = (labels != IGNORE_INDEX).sum(dim=1)
-        out.extend((per_token.sum(dim=1) / counts.clamp(min=1)).tolist())
+            out.extend(row_response_loss(model, batch).tolist())
     return out
 
 

@@ -84,6 +84,16 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
 
 
+def row_response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of each row's response tokens, shape ``(rows,)`` (with gradient if enabled)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    per_token = nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return per_token.sum(dim=1) / (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+
+
 def _batch_indices(n_rows: int, step: int, batch_size: int, seed: int) -> list[int]:
     """Global batch for ``step``: a seeded permutation per epoch, so a resumed run sees the same data."""
     out: list[int] = []

@@ -33,7 +33,6 @@ from secvec_core.artifacts import (
 )
 from secvec_core.config import SecurityVectorConfig, TrainingConfig
 from secvec_core.data import (
-    IGNORE_INDEX,
     Example,
     collate,
     dataset_hash,
@@ -43,7 +42,7 @@ from secvec_core.data import (
 )
 from secvec_core.fingerprint import model_fingerprint
 from secvec_core.seeding import seeded
-from secvec_core.training import TrainingHistory, TrainingHooks, to_device, train_loop
+from secvec_core.training import TrainingHistory, TrainingHooks, row_response_loss, to_device, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -162,16 +161,6 @@ def _kl_on_benign(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Ten
     return torch.sum(ref_logp.exp() * (ref_logp - cur_logp), dim=-1).mean()
 
 
-def _row_response_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of each row's response tokens, shape ``(rows,)``."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    per_token = nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return per_token.sum(dim=1) / (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-
-
 def _anchor_hinge(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """How much the vector lowers the response loss of answers it must leave alone (nats per token, >= 0).
 
@@ -181,8 +170,8 @@ def _anchor_hinge(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Ten
     is zero as long as the vector makes an anchor answer no more likely, and it only looks at the answer.
     """
     with torch.no_grad(), model.disable_adapter():
-        off = _row_response_nll(model, batch)
-    return torch.relu(off - _row_response_nll(model, batch)).mean()
+        off = row_response_loss(model, batch)
+    return torch.relu(off - row_response_loss(model, batch)).mean()
 
 
 def _extra_terms(terms, tokenizer, training: TrainingConfig, pad: int):

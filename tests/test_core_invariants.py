@@ -381,16 +381,16 @@ def test_library_calls_leave_the_callers_random_stream_alone(world, monkeypatch)
 def _response_gain(model, vector, tokenizer, rows) -> float:
     """Mean over rows of (response loss with the vector off) - (with it on), nats per token."""
     from secvec_core.data import collate, pad_token_id, to_examples, tokenize_examples
-    from secvec_core.vectors import _row_response_nll
+    from secvec_core.training import row_response_loss
 
     peft_model = vector.attach(copy.deepcopy(model))
     activate(peft_model, [vector.name])
     peft_model.eval()
     batch = collate(tokenize_examples(tokenizer, to_examples(rows), 32, "truncate"), pad_token_id(tokenizer))
     with torch.no_grad():
-        on = _row_response_nll(peft_model, batch)
+        on = row_response_loss(peft_model, batch)
         with peft_model.disable_adapter():
-            off = _row_response_nll(peft_model, batch)
+            off = row_response_loss(peft_model, batch)
     return float((off - on).mean())
 
 
