@@ -78,6 +78,23 @@ def test_plan_counts_what_each_stage_trains():
     assert _stage(plan, "eval-plain").parts == {}
 
 
+def test_vector_activations_count_one_forward_pass_per_loss_term():
+    """The KL term and the anchor hinge each run the model again within a step, so each adds a pass's activations."""
+
+    def vector_acts(kl_weight: float, anchor: bool) -> float:
+        data = _demo()
+        stage = next(s for s in data["stages"] if s["name"] == "harm-vector")
+        stage["training"]["kl_weight"] = kl_weight
+        if anchor:
+            stage["anchor"] = {"data": {"builtin": "toy-benign"}, "weight": 1.0}
+        return _stage(plan_spec(parse_spec(data)), "harm-vector").parts["activations"]
+
+    alone = vector_acts(0.0, anchor=False)
+    assert vector_acts(2.0, anchor=False) == pytest.approx(2 * alone)
+    assert vector_acts(0.0, anchor=True) == pytest.approx(2 * alone)
+    assert vector_acts(2.0, anchor=True) == pytest.approx(3 * alone)
+
+
 def test_run_refuses_a_spec_that_cannot_fit_before_ray_starts(tmp_path, monkeypatch):
     data = _demo()
     data["scaling"].update(use_gpu=True, gpu_memory_gb=1.0)
